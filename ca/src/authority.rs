@@ -82,6 +82,11 @@ pub enum CsrError {
     ForbiddenSan { kind: &'static str, value: String },
     #[error("CSR key is {0}; only ECDSA P-256 and Ed25519 keys are accepted")]
     UnsupportedKey(String),
+    #[error("{id} is outside this CA's trust domain {trust_domain}")]
+    ForeignTrustDomain {
+        id: SpiffeId,
+        trust_domain: TrustDomain,
+    },
     #[error("requested TTL {requested:?} is above the maximum of {max:?}")]
     TtlTooLong { requested: Duration, max: Duration },
     #[error("requested TTL must be at least one second")]
@@ -280,8 +285,9 @@ impl Authority {
         self.config.max_leaf_ttl
     }
 
-    /// Signs a workload's CSR after checking it: the signature verifies, the one URI SAN
-    /// is `expected` (the id the credential proved), there is no other SAN, the key is
+    /// Signs a workload's CSR after checking it: `expected` (the id the credential
+    /// proved) is in this CA's trust domain, the signature verifies, the one URI SAN
+    /// is `expected`, there is no other SAN, the key is
     /// P-256 or Ed25519 and `ttl` is within the maximum. The leaf never outlives the
     /// intermediate.
     pub fn sign_csr(
@@ -290,6 +296,12 @@ impl Authority {
         expected: &SpiffeId,
         ttl: Duration,
     ) -> Result<IssuedCert, CsrError> {
+        if expected.trust_domain_name() != self.config.trust_domain.as_str() {
+            return Err(CsrError::ForeignTrustDomain {
+                id: expected.clone(),
+                trust_domain: self.config.trust_domain.clone(),
+            });
+        }
         if ttl > self.config.max_leaf_ttl {
             return Err(CsrError::TtlTooLong {
                 requested: ttl,

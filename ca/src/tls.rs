@@ -39,6 +39,11 @@ pub enum PeerIdError {
     },
     #[error("peer presented no certificate")]
     NoCertificate,
+    #[error("peer {presented} is not in this workload's trust domain {trust_domain}")]
+    ForeignTrustDomain {
+        presented: SpiffeId,
+        trust_domain: String,
+    },
 }
 
 // rustls prints the error it carries with `{:?}`; make that the operator's message.
@@ -90,7 +95,8 @@ pub struct SpiffeServerVerifier {
     provider: Arc<CryptoProvider>,
 }
 
-/// Checks a client's chain and SPIFFE id; a certificate is mandatory.
+/// Checks a client's chain and SPIFFE id; a certificate is mandatory, and its id must
+/// be in the trust domain of this workload's own SVID (federation would widen this).
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
     creds: Credentials,
@@ -196,7 +202,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        verify_chain(
+        let presented = verify_chain(
             &self.creds,
             &self.provider,
             end_entity,
@@ -204,6 +210,15 @@ impl ClientCertVerifier for SpiffeClientVerifier {
             now,
             webpki::KeyUsage::client_auth(),
         )?;
+        if let Some(own) = self.creds.svid() {
+            let trust_domain = own.id().trust_domain_name();
+            if presented.trust_domain_name() != trust_domain {
+                return Err(other(PeerIdError::ForeignTrustDomain {
+                    trust_domain: trust_domain.to_string(),
+                    presented,
+                }));
+            }
+        }
         Ok(ClientCertVerified::assertion())
     }
 

@@ -196,6 +196,19 @@ async fn leaf_whose_uri_is_not_spiffe_is_refused() {
 }
 
 #[tokio::test]
+async fn client_from_a_foreign_trust_domain_is_refused() {
+    // Chains to our own root, but names another trust domain.
+    let future = OffsetDateTime::now_utc() + time::Duration::days(1);
+    let foreign = "spiffe://elsewhere.example/ns/shop/sa/storefront";
+    let outcome = server_verdict_on_forged_client(&[foreign], future).await;
+    assert_refused(
+        &outcome.server,
+        "is not in this workload's trust domain cluster.local",
+    );
+    assert!(outcome.client.is_err());
+}
+
+#[tokio::test]
 async fn expired_server_certificate_is_refused() {
     let pki = TestPki::new("mesh");
     let client = pki.creds(pki.svid(CLIENT));

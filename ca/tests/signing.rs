@@ -171,6 +171,19 @@ fn refuses_zero_or_two_uri_sans() {
 }
 
 #[test]
+fn refuses_an_id_outside_its_trust_domain() {
+    let pki = TestPki::new("mesh");
+    let foreign = id("spiffe://elsewhere.example/ns/shop/sa/payment");
+    let csr = WorkloadKey::generate().unwrap().csr(&foreign).unwrap();
+    let e = refusal(pki.authority.sign_csr(&csr, &foreign, HOUR));
+    assert!(
+        e.to_string()
+            .contains("outside this CA's trust domain cluster.local"),
+        "{e}"
+    );
+}
+
+#[test]
 fn refuses_an_over_long_or_zero_ttl() {
     let pki = TestPki::new("mesh");
     let csr = WorkloadKey::generate().unwrap().csr(&id(PAYMENT)).unwrap();
