@@ -6,6 +6,9 @@
 #![deny(rust_2018_idioms)]
 #![warn(missing_debug_implementations)]
 
+pub mod config;
+pub mod duration;
+
 /// `trellis.identity.v1`: a workload's CSR and credential in, its SVID out.
 pub mod identity {
     #[allow(

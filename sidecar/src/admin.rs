@@ -1,0 +1,181 @@
+//! The admin server, loopback by default: liveness, readiness, Prometheus metrics,
+//! the current config and certificate, and a drain trigger for Jobs.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use trellis_ca::Credentials;
+
+use crate::outbound::destinations::{Destinations, DestinationsView};
+
+/// Where each listener ended up (ports may have been 0).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Listeners {
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub tcp_outbound: Vec<TcpListenerView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TcpListenerView {
+    pub listen: SocketAddr,
+    pub service: String,
+}
+
+pub struct Admin {
+    pub service: String,
+    pub namespace: String,
+    pub creds: Credentials,
+    pub destinations: Arc<ArcSwap<Destinations>>,
+    pub metrics: PrometheusHandle,
+    pub listeners: Listeners,
+    /// Cancelled when the proxy starts draining; `POST /shutdown` cancels it.
+    pub shutdown: CancellationToken,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ConfigView<'a> {
+    service: &'a str,
+    namespace: &'a str,
+    identity: Option<String>,
+    listeners: &'a Listeners,
+    #[serde(flatten)]
+    destinations: DestinationsView<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CertView {
+    id: String,
+    serial: String,
+    not_before: String,
+    not_after: String,
+    chain_length: usize,
+    trust_bundle_roots: usize,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("listeners", &self.listeners)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Admin {
+    /// Serves until the process ends: readiness must answer 503 while draining.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (tcp, _) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "admin accept failed");
+                    continue;
+                }
+            };
+            let admin = self.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, std::convert::Infallible>(admin.route(req)) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(tcp), service);
+                if let Err(error) = conn.await {
+                    tracing::debug!(%error, "admin connection ended with an error");
+                }
+            });
+        }
+    }
+
+    fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, "/live") => text(StatusCode::OK, "live"),
+            (&Method::GET, "/ready") if self.shutdown.is_cancelled() => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining")
+            }
+            (&Method::GET, "/ready") => text(StatusCode::OK, "ready"),
+            (&Method::GET, "/metrics") => {
+                let mut response = Response::new(Full::new(Bytes::from(self.metrics.render())));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                response
+            }
+            (&Method::GET, "/config") => {
+                let destinations = self.destinations.load();
+                json(&ConfigView {
+                    service: &self.service,
+                    namespace: &self.namespace,
+                    identity: self.creds.svid().map(|s| s.id().to_string()),
+                    listeners: &self.listeners,
+                    destinations: destinations.snapshot(),
+                })
+            }
+            (&Method::GET, "/certs") => match self.creds.svid() {
+                Some(svid) => json(&CertView {
+                    id: svid.id().to_string(),
+                    serial: svid.serial().to_string(),
+                    not_before: rfc3339(svid.not_before()),
+                    not_after: rfc3339(svid.not_after()),
+                    chain_length: svid.chain().len(),
+                    trust_bundle_roots: self.creds.bundle().roots().len(),
+                }),
+                None => text(StatusCode::SERVICE_UNAVAILABLE, "no certificate yet"),
+            },
+            (&Method::POST, "/shutdown") => {
+                tracing::info!("shutdown requested on the admin port");
+                self.shutdown.cancel();
+                text(StatusCode::ACCEPTED, "draining")
+            }
+            (_, "/live" | "/ready" | "/metrics" | "/config" | "/certs" | "/shutdown") => {
+                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found; try /live /ready /metrics /config /certs or POST /shutdown",
+            ),
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    response
+}
+
+fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "could not encode JSON"),
+    }
+}
+
+fn rfc3339(at: std::time::SystemTime) -> String {
+    time::OffsetDateTime::from(at)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}

@@ -1,0 +1,19 @@
+//! `trellis-sidecar` owns the data path of `trellis-proxy`: the outbound listener
+//! the local app calls, the inbound mTLS listener peers call, protocol detection,
+//! load balancing, the admin server and the proxy's telemetry.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+#![warn(missing_debug_implementations)]
+
+pub mod admin;
+pub mod args;
+pub mod http;
+pub mod identity;
+pub mod inbound;
+pub mod outbound;
+pub mod proxy;
+pub mod static_config;
+pub mod telemetry;
+
+pub use proxy::{ProxyError, run};

@@ -1,0 +1,245 @@
+//! The outbound side: the local app sends plain HTTP here with the destination in
+//! the authority; the request leaves over mTLS HTTP/2 to a peer sidecar chosen by
+//! P2C over peak-EWMA. TCP listeners forward opaque bytes the same way.
+
+pub mod balance;
+pub mod connect;
+pub mod destinations;
+
+use std::{future::Future, pin::Pin, sync::Arc, time::Instant};
+
+use arc_swap::ArcSwap;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use tokio::net::TcpStream;
+
+use crate::{
+    http::{
+        APP_PROTOCOL, AppProtocol, PEER_ID, ProxyBody, authority_of, error_chain, forward_upgrade,
+        host_of, is_upgrade, mesh_error, strip_hop_by_hop,
+    },
+    telemetry::{self, Direction},
+};
+use connect::ConnectError;
+use destinations::{Destination, Destinations, Endpoint};
+
+#[derive(Debug)]
+pub struct Outbound {
+    service: String,
+    destinations: Arc<ArcSwap<Destinations>>,
+}
+
+impl Outbound {
+    pub fn new(service: String, destinations: Arc<ArcSwap<Destinations>>) -> Self {
+        Self {
+            service,
+            destinations,
+        }
+    }
+
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let start = Instant::now();
+        let request_id = telemetry::correlate(req.headers_mut());
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let authority = authority_of(&req).map(str::to_string);
+        let destinations = self.destinations.load();
+        let destination = authority
+            .as_deref()
+            .and_then(|a| destinations.resolve(host_of(a)));
+
+        let (response, peer_service, peer_id) = match (destination, authority.as_deref()) {
+            (Some(destination), Some(authority)) => {
+                let (response, peer_id) = self.forward(destination, req, authority).await;
+                (response, destination.name.as_str(), peer_id)
+            }
+            _ => {
+                let message = match &authority {
+                    Some(a) => format!("no service named {:?} in this proxy's config", host_of(a)),
+                    None => {
+                        "the request names no destination (no Host header or absolute URI)".into()
+                    }
+                };
+                let response =
+                    mesh_error(StatusCode::SERVICE_UNAVAILABLE, "unknown-service", message);
+                (response, "unknown", None)
+            }
+        };
+
+        let elapsed = start.elapsed();
+        telemetry::record_request(
+            Direction::Outbound,
+            &self.service,
+            peer_service,
+            response.status(),
+            elapsed,
+        );
+        tracing::info!(
+            target: "trellis::access",
+            direction = "outbound",
+            method = %method,
+            authority = authority.as_deref().unwrap_or_default(),
+            path,
+            status = response.status().as_u16(),
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            peer_id,
+            request_id = request_id.to_str().unwrap_or_default(),
+            "request"
+        );
+        response
+    }
+
+    /// Sends the request to one endpoint of `destination`; returns the response and
+    /// the id the endpoint was required to have.
+    async fn forward<'d>(
+        &self,
+        destination: &'d Destination,
+        req: Request<Incoming>,
+        authority: &str,
+    ) -> (Response<ProxyBody>, Option<&'d str>) {
+        let Some(endpoint) = destination.pick() else {
+            let message = format!("service {:?} has no endpoints", destination.name);
+            return (
+                mesh_error(StatusCode::SERVICE_UNAVAILABLE, "no-endpoints", message),
+                None,
+            );
+        };
+        let peer_id = Some(endpoint.target.identity.as_str());
+        if is_upgrade(&req) {
+            return (upgrade(endpoint, req).await, peer_id);
+        }
+        let protocol = AppProtocol::of(&req);
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(PEER_ID);
+        parts.headers.insert(APP_PROTOCOL, protocol.header_value());
+        let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        parts.uri = match Uri::builder()
+            .scheme("http")
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+        {
+            Ok(uri) => uri,
+            Err(e) => {
+                let message = format!("request target: {e}");
+                return (
+                    mesh_error(StatusCode::BAD_REQUEST, "bad-request", message),
+                    peer_id,
+                );
+            }
+        };
+        parts.version = http::Version::HTTP_2;
+
+        let in_flight = endpoint.load.start();
+        let response = match endpoint
+            .client
+            .request(Request::from_parts(parts, body))
+            .await
+        {
+            Ok(mut response) => {
+                in_flight.finish();
+                strip_hop_by_hop(response.headers_mut());
+                response.map(Either::Left)
+            }
+            Err(error) => {
+                drop(in_flight);
+                peer_failure(&error, &endpoint.target.addr)
+            }
+        };
+        (response, peer_id)
+    }
+
+    /// Accepts opaque TCP for `service` and carries it to one of its endpoints over mTLS.
+    pub async fn forward_tcp(&self, service: &str, mut downstream: TcpStream) {
+        let _ = downstream.set_nodelay(true);
+        let target = {
+            let destinations = self.destinations.load();
+            let endpoint = destinations.get(service).and_then(|d| d.pick());
+            match endpoint {
+                Some(endpoint) => endpoint.target.clone(),
+                None => return tracing::warn!(service, "TCP connection dropped: no endpoints"),
+            }
+        };
+        let mut upstream = match target.connect_tcp().await {
+            Ok(upstream) => upstream,
+            Err(error) => return tracing::warn!(%error, service, "TCP connection dropped"),
+        };
+        let gauge = metrics::gauge!(telemetry::TCP_OPEN, "direction" => "outbound");
+        gauge.increment(1.0);
+        let result = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await;
+        gauge.decrement(1.0);
+        match result {
+            Ok((up, down)) => tracing::info!(
+                target: "trellis::access",
+                direction = "outbound",
+                protocol = "tcp",
+                service,
+                peer_id = target.identity.as_str(),
+                bytes_out = up,
+                bytes_in = down,
+                "tcp"
+            ),
+            Err(error) => {
+                tracing::debug!(%error, service, "outbound TCP stream ended with an error")
+            }
+        }
+    }
+}
+
+async fn upgrade(endpoint: &Endpoint, req: Request<Incoming>) -> Response<ProxyBody> {
+    let io = match endpoint.target.connect_http1().await {
+        Ok(io) => io,
+        Err(error) => return connect_failure(&error),
+    };
+    forward_upgrade(req, io).await.unwrap_or_else(|e| {
+        mesh_error(
+            StatusCode::BAD_GATEWAY,
+            "upstream-error",
+            format!("upgrade: {e}"),
+        )
+    })
+}
+
+fn connect_failure(error: &ConnectError) -> Response<ProxyBody> {
+    mesh_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        error.kind(),
+        error.to_string(),
+    )
+}
+
+/// A connect or TLS failure is the mesh's 503 naming the reason; a peer that fails
+/// mid-request is a 502.
+fn peer_failure(
+    error: &hyper_util::client::legacy::Error,
+    addr: &std::net::SocketAddr,
+) -> Response<ProxyBody> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = source {
+        if let Some(connect) = cause.downcast_ref::<ConnectError>() {
+            tracing::warn!(error = %connect, "peer unreachable");
+            return connect_failure(connect);
+        }
+        source = cause.source();
+    }
+    let message = format!("peer {addr}: {}", error_chain(error));
+    tracing::warn!(error = %message, "peer failed the request");
+    mesh_error(StatusCode::BAD_GATEWAY, "upstream-error", message)
+}
+
+/// The outbound handler as a hyper service.
+#[derive(Debug, Clone)]
+pub struct OutboundService(pub Arc<Outbound>);
+
+impl hyper::service::Service<Request<Incoming>> for OutboundService {
+    type Response = Response<ProxyBody>;
+    type Error = std::convert::Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let outbound = self.0.clone();
+        Box::pin(async move { Ok(outbound.handle(req).await) })
+    }
+}

@@ -1,0 +1,226 @@
+//! Wires the proxy together: load identity and config, bind every listener, serve
+//! until SIGTERM, SIGINT or `POST /shutdown`, then drain.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use arc_swap::ArcSwap;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    admin::{Admin, Listeners, TcpListenerView},
+    args::Args,
+    http::serve_connection,
+    identity,
+    inbound::Inbound,
+    outbound::{Outbound, OutboundService, destinations::Destinations},
+    static_config::StaticConfig,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("--config: {0}")]
+    Config(#[from] crate::static_config::StaticConfigError),
+    #[error("identity: {0}")]
+    Identity(#[from] identity::IdentityError),
+    #[error("config: {0}")]
+    Compile(#[from] crate::outbound::destinations::CompileError),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("binding the {listener} listener on {addr}: {source}")]
+    Bind {
+        listener: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("installing signal handlers: {0}")]
+    Signal(std::io::Error),
+}
+
+async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    let bound = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ProxyError::Bind {
+            listener,
+            addr,
+            source,
+        })?;
+    Ok(bound)
+}
+
+fn local(listener: &TcpListener) -> SocketAddr {
+    listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError> {
+    let Args {
+        service,
+        namespace,
+        app_addr,
+        inbound_addr,
+        outbound_addr,
+        admin_addr,
+        config,
+        log_format: _,
+        log: _,
+        workers: _,
+        drain_timeout,
+        detect_timeout,
+    } = args;
+    let static_config = StaticConfig::load(&config)?;
+    let creds = identity::load(&static_config.identity)?;
+    let destinations = Arc::new(ArcSwap::from_pointee(Destinations::compile(
+        static_config.proxy,
+        &creds,
+    )?));
+    if !admin_addr.ip().is_loopback() {
+        tracing::warn!(%admin_addr, "the admin server is reachable from off this host");
+    }
+
+    let inbound_listener = bind("inbound", inbound_addr).await?;
+    let outbound_listener = bind("outbound", outbound_addr).await?;
+    let admin_listener = bind("admin", admin_addr).await?;
+    let mut tcp_listeners = Vec::new();
+    for tcp in &static_config.tcp_outbound {
+        tcp_listeners.push((bind("tcpOutbound", tcp.listen).await?, tcp.service.clone()));
+    }
+    let listeners = Listeners {
+        inbound: local(&inbound_listener),
+        outbound: local(&outbound_listener),
+        admin: local(&admin_listener),
+        tcp_outbound: tcp_listeners
+            .iter()
+            .map(|(l, service)| TcpListenerView {
+                listen: local(l),
+                service: service.clone(),
+            })
+            .collect(),
+    };
+
+    let inbound = Arc::new(Inbound::new(
+        service.clone(),
+        app_addr,
+        detect_timeout,
+        destinations.clone(),
+        &creds,
+    )?);
+    let outbound = Arc::new(Outbound::new(service.clone(), destinations.clone()));
+    let shutdown = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    let admin = Arc::new(Admin {
+        service: service.clone(),
+        namespace,
+        creds,
+        destinations,
+        metrics,
+        listeners: listeners.clone(),
+        shutdown: shutdown.clone(),
+    });
+    tokio::spawn(admin.serve(admin_listener));
+
+    {
+        let inbound = inbound.clone();
+        tracker.spawn(accept_loop(
+            inbound_listener,
+            shutdown.clone(),
+            tracker.clone(),
+            move |tcp, drain| inbound.clone().serve(tcp, drain),
+        ));
+    }
+    {
+        let service = OutboundService(outbound.clone());
+        tracker.spawn(accept_loop(
+            outbound_listener,
+            shutdown.clone(),
+            tracker.clone(),
+            move |tcp, drain| {
+                let _ = tcp.set_nodelay(true);
+                serve_connection(tcp, service.clone(), drain)
+            },
+        ));
+    }
+    for (listener, tcp_service) in tcp_listeners {
+        let outbound = outbound.clone();
+        tracker.spawn(accept_loop(
+            listener,
+            shutdown.clone(),
+            tracker.clone(),
+            move |tcp, _drain| {
+                let outbound = outbound.clone();
+                let tcp_service = tcp_service.clone();
+                async move { outbound.forward_tcp(&tcp_service, tcp).await }
+            },
+        ));
+    }
+
+    // Tests and tooling read this line to learn the bound ports.
+    tracing::info!(
+        service,
+        inbound = %listeners.inbound,
+        outbound = %listeners.outbound,
+        admin = %listeners.admin,
+        tcp_outbound = ?listeners.tcp_outbound.iter().map(|t| (t.service.as_str(), t.listen)).collect::<Vec<_>>(),
+        "listening"
+    );
+
+    wait_for_shutdown(&shutdown).await?;
+    shutdown.cancel();
+    tracker.close();
+    tracing::info!(timeout = ?drain_timeout, in_flight = tracker.len(), "draining");
+    if tokio::time::timeout(drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            cut = tracker.len(),
+            "drain timeout reached; closing the connections still open"
+        );
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_shutdown(shutdown: &CancellationToken) -> Result<(), ProxyError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(ProxyError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(ProxyError::Signal)?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+        () = shutdown.cancelled() => {}
+    }
+    Ok(())
+}
+
+/// Accepts until `shutdown`, handing each connection to `handle` as a tracked task so
+/// the drain can wait for it.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    handle: F,
+) where
+    F: Fn(TcpStream, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((tcp, _)) => {
+                tracker.spawn(handle(tcp, shutdown.clone()));
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

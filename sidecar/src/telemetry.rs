@@ -1,0 +1,197 @@
+//! Logs, metrics and request correlation. Metrics go to a Prometheus recorder the
+//! admin server renders; every request gets one access-log line, an `x-request-id`
+//! and a W3C `traceparent`.
+
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue, StatusCode};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+use crate::{
+    args::LogFormat,
+    http::{REQUEST_ID, TRACEPARENT},
+};
+
+pub const REQUESTS: &str = "trellis_requests_total";
+pub const REQUEST_DURATION: &str = "trellis_request_duration_seconds";
+pub const TCP_OPEN: &str = "trellis_tcp_connections_open";
+pub const TLS_ERRORS: &str = "trellis_tls_handshake_errors_total";
+
+/// Fine enough below a millisecond, where a sidecar's own cost lives.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+pub fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
+    let filter = EnvFilter::try_new(filter).map_err(|e| format!("--log {filter:?}: {e}"))?;
+    let registry = tracing_subscriber::registry().with(filter);
+    let result = match format {
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false),
+            )
+            .try_init(),
+        LogFormat::Text => registry.with(fmt::layer()).try_init(),
+    };
+    result.map_err(|e| e.to_string())
+}
+
+pub fn install_metrics() -> Result<PrometheusHandle, String> {
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), DURATION_BUCKETS)
+        .map_err(|e| e.to_string())?
+        .build_recorder();
+    let handle = recorder.handle();
+    metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
+    metrics::describe_counter!(
+        REQUESTS,
+        "HTTP requests handled, by direction and status code"
+    );
+    metrics::describe_histogram!(
+        REQUEST_DURATION,
+        metrics::Unit::Seconds,
+        "Time from request to response headers"
+    );
+    metrics::describe_gauge!(TCP_OPEN, "Opaque TCP connections being proxied");
+    metrics::describe_counter!(TLS_ERRORS, "Refused or failed TLS handshakes, by reason");
+    Ok(handle)
+}
+
+/// Which way a request crosses this sidecar.
+#[derive(Debug, Clone, Copy)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Inbound => "inbound",
+            Self::Outbound => "outbound",
+        }
+    }
+}
+
+/// Counts one finished request. Labels are bounded: service names from config, peer
+/// names from verified mesh identities, status codes.
+pub fn record_request(
+    direction: Direction,
+    service: &str,
+    peer_service: &str,
+    status: StatusCode,
+    elapsed: Duration,
+) {
+    let labels = [
+        ("direction", direction.as_str().to_string()),
+        ("service", service.to_string()),
+        ("peer_service", peer_service.to_string()),
+    ];
+    metrics::histogram!(REQUEST_DURATION, &labels).record(elapsed.as_secs_f64());
+    let code = ("code", status.as_u16().to_string());
+    let [a, b, c] = labels;
+    metrics::counter!(REQUESTS, &[a, b, c, code]).increment(1);
+}
+
+pub fn record_tls_error(direction: Direction, reason: &'static str) {
+    metrics::counter!(TLS_ERRORS, "direction" => direction.as_str(), "reason" => reason)
+        .increment(1);
+}
+
+/// Ensures the request carries an `x-request-id` (kept when present) and a
+/// `traceparent` (same trace, a new parent span for this hop; a new trace when absent
+/// or malformed). Returns the request id for the access log.
+pub fn correlate(headers: &mut HeaderMap) -> HeaderValue {
+    let request_id = match headers.get(REQUEST_ID) {
+        Some(id) if !id.is_empty() => id.clone(),
+        _ => {
+            let id = hex_id(16);
+            headers.insert(REQUEST_ID, id.clone());
+            id
+        }
+    };
+    let trace_id = headers
+        .get(TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(trace_id_of)
+        .map(str::to_string);
+    let traceparent = match trace_id {
+        Some(trace) => format!("00-{trace}-{}-01", hex(8)),
+        None => format!("00-{}-{}-01", hex(16), hex(8)),
+    };
+    if let Ok(value) = HeaderValue::from_str(&traceparent) {
+        headers.insert(TRACEPARENT, value);
+    }
+    request_id
+}
+
+/// The trace id of a valid version-00 `traceparent`.
+fn trace_id_of(value: &str) -> Option<&str> {
+    let mut parts = value.split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let is_hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let valid = version == "00"
+        && parts.next().is_none()
+        && is_hex(trace, 32)
+        && trace.bytes().any(|b| b != b'0')
+        && is_hex(parent, 16)
+        && is_hex(flags, 2);
+    valid.then_some(trace)
+}
+
+fn hex(bytes: usize) -> String {
+    use std::fmt::Write;
+    (0..bytes).fold(String::with_capacity(bytes * 2), |mut s, _| {
+        let _ = write!(s, "{:02x}", fastrand::u8(..));
+        s
+    })
+}
+
+fn hex_id(bytes: usize) -> HeaderValue {
+    HeaderValue::from_str(&hex(bytes)).unwrap_or(HeaderValue::from_static("0"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_id_is_kept_or_made() {
+        let mut headers = HeaderMap::new();
+        let made = correlate(&mut headers);
+        assert_eq!(made.len(), 32);
+        assert_eq!(headers[REQUEST_ID], made);
+        let kept = correlate(&mut headers);
+        assert_eq!(kept, made);
+    }
+
+    #[test]
+    fn traceparent_continues_the_trace_with_a_new_span() {
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut headers = HeaderMap::new();
+        headers.insert(TRACEPARENT, HeaderValue::from_static(incoming));
+        correlate(&mut headers);
+        let out = headers[TRACEPARENT].to_str().unwrap();
+        assert!(
+            out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{out}"
+        );
+        assert_ne!(out, incoming);
+        assert_eq!(trace_id_of(out), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+
+        for bad in [
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        ] {
+            headers.insert(TRACEPARENT, HeaderValue::from_static(bad));
+            correlate(&mut headers);
+            assert!(trace_id_of(headers[TRACEPARENT].to_str().unwrap()).is_some());
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Test workloads on loopback, port 0: an HTTP app (HTTP/1.1 and h2c, upgrades), a
+//! gRPC app, and a TCP echo. Each reports what it saw in response headers so tests
+//! can check what crossed the mesh.
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+    sync::{Notify, mpsc},
+};
+use tokio_stream::{StreamExt, wrappers::ReceiverStream};
+use tonic::{Status, Streaming};
+
+use crate::echo::{
+    Message,
+    echo_server::{Echo, EchoServer},
+};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Lets a test hold a request inside the app and release it later.
+#[derive(Debug, Default)]
+pub struct Hold {
+    arrived: Notify,
+    release: Notify,
+}
+
+impl Hold {
+    /// Resolves once a `/hold` request has reached the app.
+    pub async fn arrived(&self) {
+        self.arrived.notified().await;
+    }
+
+    pub fn release(&self) {
+        self.release.notify_one();
+    }
+}
+
+/// An HTTP app. Routes: `/echo` streams the request body back; `/bytes/N` answers N
+/// bytes; `/status/N` answers status N; `/hold` waits for `Hold::release`; anything
+/// else answers 200 with the app's name. Every response carries `x-app-name`,
+/// `x-app-version`, `x-app-peer-id`, `x-app-host` and echoes `x-test` as `x-app-x-test`.
+/// An `Upgrade` request is switched and then echoes bytes. `delay` is added to each
+/// response, to play a slow instance.
+pub async fn http_app(name: &'static str, delay: Duration) -> (SocketAddr, Arc<Hold>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hold = Arc::new(Hold::default());
+    let app_hold = hold.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let hold = app_hold.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let hold = hold.clone();
+                    async move { Ok::<_, Infallible>(respond(name, delay, req, &hold).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    (addr, hold)
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+async fn respond(
+    name: &'static str,
+    delay: Duration,
+    mut req: Request<Incoming>,
+    hold: &Hold,
+) -> Response<Body> {
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    let seen = |h: &str| {
+        req.headers()
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_string()
+    };
+    let (peer, test_header) = (seen("x-trellis-peer-id"), seen("x-test"));
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_else(|| "none".into());
+    let version = format!("{:?}", req.version());
+    let path = req.uri().path().to_string();
+
+    let mut response = if req.headers().contains_key(header::UPGRADE) {
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut r = Response::new(full(""));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert(header::UPGRADE, "echo".parse().unwrap());
+        r.headers_mut()
+            .insert(header::CONNECTION, "upgrade".parse().unwrap());
+        r
+    } else if path == "/echo" {
+        Response::new(req.into_body().boxed())
+    } else if let Some(n) = path.strip_prefix("/bytes/") {
+        let n: usize = n.parse().unwrap_or(0);
+        Response::new(full(vec![b'x'; n]))
+    } else if let Some(code) = path.strip_prefix("/status/") {
+        let mut r = Response::new(full(format!("status {code}")));
+        *r.status_mut() = code.parse().unwrap_or(StatusCode::IM_A_TEAPOT);
+        r
+    } else if path == "/hold" {
+        hold.arrived.notify_one();
+        hold.release.notified().await;
+        Response::new(full("released"))
+    } else {
+        Response::new(full(name))
+    };
+    let headers = response.headers_mut();
+    for (key, value) in [
+        ("x-app-name", name.to_string()),
+        ("x-app-version", version),
+        ("x-app-peer-id", peer),
+        ("x-app-host", host),
+        ("x-app-x-test", test_header),
+    ] {
+        headers.insert(key, value.parse().unwrap());
+    }
+    response
+}
+
+/// A TCP echo server.
+pub async fn tcp_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let (mut read, mut write) = tcp.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A gRPC app serving `Echo`.
+pub async fn grpc_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(EchoServer::new(EchoApp))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    addr
+}
+
+struct EchoApp;
+
+#[tonic::async_trait]
+impl Echo for EchoApp {
+    async fn unary(
+        &self,
+        request: tonic::Request<Message>,
+    ) -> Result<tonic::Response<Message>, Status> {
+        let peer = request
+            .metadata()
+            .get("x-trellis-peer-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_string();
+        let text = request.into_inner().text;
+        if text == "fail" {
+            let mut status = Status::invalid_argument("told to fail");
+            status
+                .metadata_mut()
+                .insert("x-detail", "trailer-survived".parse().unwrap());
+            return Err(status);
+        }
+        let mut response = tonic::Response::new(Message { text });
+        response
+            .metadata_mut()
+            .insert("x-app-peer-id", peer.parse().unwrap());
+        Ok(response)
+    }
+
+    type ChatStream = ReceiverStream<Result<Message, Status>>;
+
+    async fn chat(
+        &self,
+        request: tonic::Request<Streaming<Message>>,
+    ) -> Result<tonic::Response<Self::ChatStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            while let Some(message) = incoming.next().await {
+                let reply = message.map(|m| Message {
+                    text: format!("echo: {}", m.text),
+                });
+                if tx.send(reply).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(tonic::Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,27 @@
+//! `trellis-tests`: end-to-end tests that run the real `trellis-proxy` binary on
+//! loopback between real test workloads. This library is the harness: a test PKI,
+//! sidecar processes with their readiness, and the workloads they front.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test harness: a panic is a failed test
+#![deny(rust_2018_idioms)]
+#![allow(missing_debug_implementations)]
+
+pub mod apps;
+pub mod mesh;
+/// The CA crate's own test PKI (operator-style root + intermediate that can also
+/// forge leaves), shared rather than written twice.
+#[path = "../../ca/tests/pki/mod.rs"]
+pub mod pki;
+
+/// The test workloads' gRPC API.
+#[allow(clippy::all, unreachable_pub, missing_debug_implementations)]
+pub mod echo {
+    tonic::include_proto!("trellis.test.echo");
+}
+
+/// Fails the test instead of hanging it.
+pub async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
+    tokio::time::timeout(std::time::Duration::from_secs(20), fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within 20 s"))
+}

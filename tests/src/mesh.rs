@@ -1,0 +1,350 @@
+//! Sidecar processes: identities written as PEM files, a static config, the real
+//! `trellis-proxy` binary started with every listener on port 0, and its readiness
+//! read from its `listening` log line.
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use trellis_api::config::{EndpointConfig, MtlsMode, ProxyConfig, ServiceConfig};
+use trellis_ca::{SpiffeId, WorkloadKey};
+
+use crate::pki::TestPki;
+
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+pub fn workload_id(service: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/{service}")
+}
+
+/// A mesh for one test: a CA and a temp dir for the files sidecars read.
+pub struct Mesh {
+    pub pki: TestPki,
+    dir: tempfile::TempDir,
+}
+
+/// How to start one sidecar.
+#[derive(Debug, Clone)]
+pub struct SidecarSpec {
+    pub service: String,
+    pub app_addr: SocketAddr,
+    pub mtls: MtlsMode,
+    pub destinations: BTreeMap<String, Vec<EndpointConfig>>,
+    pub tcp_outbound: Vec<String>,
+    pub drain_timeout: &'static str,
+}
+
+impl SidecarSpec {
+    pub fn new(service: &str, app_addr: SocketAddr) -> Self {
+        Self {
+            service: service.into(),
+            app_addr,
+            mtls: MtlsMode::Strict,
+            destinations: BTreeMap::new(),
+            tcp_outbound: Vec::new(),
+            drain_timeout: "30s",
+        }
+    }
+
+    /// Routes `service` to `endpoints`.
+    pub fn to(mut self, service: &str, endpoints: Vec<EndpointConfig>) -> Self {
+        self.destinations.insert(service.into(), endpoints);
+        self
+    }
+}
+
+/// A running `trellis-proxy`. Killed when dropped.
+pub struct Sidecar {
+    /// `None` once `wait_exit` took it.
+    child: Option<Child>,
+    pub inbound: SocketAddr,
+    pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+    pub identity: String,
+    logs: mpsc::Receiver<String>,
+}
+
+/// The `trellis-proxy` binary cargo built for this test run.
+pub fn proxy_binary() -> PathBuf {
+    // target/<profile>/deps/<test-binary> -> target/<profile>/trellis-proxy
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let binary = dir.join("trellis-proxy");
+    assert!(
+        binary.exists(),
+        "{} is missing: run the workspace tests (`cargo test --workspace`), which build it",
+        binary.display()
+    );
+    binary
+}
+
+impl Mesh {
+    pub fn new() -> Self {
+        Self {
+            pki: TestPki::new("mesh"),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// Issues an SVID for `id` through the CA and writes cert chain, key (0600) and
+    /// bundle; returns the three paths.
+    pub fn write_identity(&self, name: &str, id: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let id = SpiffeId::parse(id).unwrap();
+        let key = WorkloadKey::generate().unwrap();
+        let issued = self
+            .pki
+            .authority
+            .sign_csr(&key.csr(&id).unwrap(), &id, Duration::from_secs(3600))
+            .unwrap();
+        let chain: Vec<pem::Pem> = std::iter::once(&issued.leaf)
+            .chain(&issued.chain)
+            .map(|c| pem::Pem::new("CERTIFICATE", c.to_vec()))
+            .collect();
+        let cert = self.dir.path().join(format!("{name}.pem"));
+        let key_path = self.dir.path().join(format!("{name}-key.pem"));
+        let bundle = self.dir.path().join("bundle.pem");
+        std::fs::write(&cert, pem::encode_many(&chain)).unwrap();
+        let key_der = match key.private_key_der() {
+            rustls_pki_types::PrivateKeyDer::Pkcs8(der) => der.secret_pkcs8_der().to_vec(),
+            other => panic!("unexpected key form {other:?}"),
+        };
+        std::fs::write(
+            &key_path,
+            pem::encode(&pem::Pem::new("PRIVATE KEY", key_der)),
+        )
+        .unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(&bundle, self.pki.authority.trust_bundle().to_pem()).unwrap();
+        (cert, key_path, bundle)
+    }
+
+    /// Starts a sidecar for `spec` with the workload id of its service.
+    pub fn sidecar(&self, spec: SidecarSpec) -> Sidecar {
+        let id = workload_id(&spec.service);
+        self.sidecar_with_identity(spec, &id)
+    }
+
+    pub fn sidecar_with_identity(&self, spec: SidecarSpec, id: &str) -> Sidecar {
+        let (cert, key, bundle) = self.write_identity(&spec.service, id);
+        let proxy = ProxyConfig {
+            version: "test-1".into(),
+            mtls: spec.mtls,
+            services: spec
+                .destinations
+                .iter()
+                .map(|(name, endpoints)| {
+                    (
+                        name.clone(),
+                        ServiceConfig {
+                            namespace: "default".into(),
+                            endpoints: endpoints.clone(),
+                        },
+                    )
+                })
+                .collect(),
+        };
+        let config = serde_json::json!({
+            "identity": {"certificate": cert, "privateKey": key, "trustBundle": bundle},
+            "tcpOutbound": spec.tcp_outbound.iter()
+                .map(|s| serde_json::json!({"listen": "127.0.0.1:0", "service": s}))
+                .collect::<Vec<_>>(),
+            "proxy": proxy,
+        });
+        let config_path = self.dir.path().join(format!("{}.yaml", spec.service));
+        std::fs::write(&config_path, serde_yaml_ng::to_string(&config).unwrap()).unwrap();
+        Sidecar::start(&spec, &config_path, id)
+    }
+}
+
+impl Default for Mesh {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sidecar {
+    fn start(spec: &SidecarSpec, config: &Path, id: &str) -> Self {
+        let mut child = Command::new(proxy_binary())
+            .args(["--service", &spec.service])
+            .args(["--app-addr", &spec.app_addr.to_string()])
+            .args(["--inbound-addr", "127.0.0.1:0"])
+            .args(["--outbound-addr", "127.0.0.1:0"])
+            .args(["--admin-addr", "127.0.0.1:0"])
+            .args(["--drain-timeout", spec.drain_timeout])
+            .args(["--detect-timeout", "200ms"])
+            .arg("--config")
+            .arg(config)
+            .args(["--log-format", "json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting trellis-proxy");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, logs) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut sidecar = Self {
+            child: Some(child),
+            inbound: ([0, 0, 0, 0], 0).into(),
+            outbound: ([0, 0, 0, 0], 0).into(),
+            admin: ([0, 0, 0, 0], 0).into(),
+            identity: id.to_string(),
+            logs,
+        };
+        let listening = sidecar
+            .wait_for_log(|l| l["message"] == "listening")
+            .unwrap_or_else(|| panic!("{} did not start listening", spec.service));
+        let addr = |field: &str| -> SocketAddr {
+            listening[field]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .unwrap()
+        };
+        sidecar.inbound = addr("inbound");
+        sidecar.outbound = addr("outbound");
+        sidecar.admin = addr("admin");
+        sidecar
+    }
+
+    /// This sidecar as an endpoint other sidecars route to.
+    pub fn endpoint(&self) -> EndpointConfig {
+        EndpointConfig {
+            address: self.inbound,
+            identity: self.identity.clone(),
+        }
+    }
+
+    /// Reads log lines until one matches (or 20 s pass, or the process ends). Blocks
+    /// the thread, so async tests run on the multi-thread runtime.
+    pub fn wait_for_log(
+        &mut self,
+        matches: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return tokio::task::block_in_place(|| self.read_logs_until(matches));
+        }
+        self.read_logs_until(matches)
+    }
+
+    fn read_logs_until(
+        &mut self,
+        matches: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let line = self.logs.recv_timeout(left).ok()?;
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
+                && matches(&value)
+            {
+                return Some(value);
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("process still owned").id()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the process to exit on its own; kills it and fails after `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("process still owned");
+        let pid = child.id();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        let waited = if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::task::block_in_place(|| rx.recv_timeout(limit))
+        } else {
+            rx.recv_timeout(limit)
+        };
+        match waited {
+            Ok(status) => status.unwrap(),
+            Err(_) => {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+                panic!("trellis-proxy did not exit within {limit:?}");
+            }
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A plain HTTP/1.1 client, as a local app would use.
+pub fn http1_client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<bytes::Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http()
+}
+
+/// GETs `path` from an admin server and returns status and body.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> (http::StatusCode, String) {
+    use http_body_util::BodyExt;
+    let response = http1_client()
+        .get(format!("http://{admin}{path}").parse().unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Scrapes `/metrics` with a Prometheus text parser; fails the test if it does not parse.
+pub async fn scrape(admin: SocketAddr) -> prometheus_parse::Scrape {
+    let (status, text) = admin_get(admin, "/metrics").await;
+    assert_eq!(status, http::StatusCode::OK);
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .unwrap_or_else(|e| panic!("/metrics is not Prometheus text: {e}\n{text}"))
+}
+
+/// The sum of the samples of `name` whose labels include all of `labels`.
+pub fn metric_value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match &s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => *v,
+            prometheus_parse::Value::Histogram(buckets) => {
+                buckets.iter().map(|b| b.count).fold(0.0, f64::max)
+            }
+            prometheus_parse::Value::Summary(_) => 0.0,
+        })
+        .sum()
+}
