@@ -71,18 +71,26 @@ pub struct Sidecar {
     logs: mpsc::Receiver<String>,
 }
 
-/// The `trellis-proxy` binary cargo built for this test run.
+/// The `trellis-proxy` binary: `$TRELLIS_PROXY_BIN`, else the one cargo built beside
+/// the running executable (`target/<profile>/` for binaries, its `deps/` for tests).
 pub fn proxy_binary() -> PathBuf {
-    // target/<profile>/deps/<test-binary> -> target/<profile>/trellis-proxy
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let binary = dir.join("trellis-proxy");
-    assert!(
-        binary.exists(),
-        "{} is missing: run the workspace tests (`cargo test --workspace`), which build it",
-        binary.display()
-    );
-    binary
+    if let Some(path) = std::env::var_os("TRELLIS_PROXY_BIN") {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("executable path");
+    let found = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("trellis-proxy"))
+        .find(|candidate| candidate.exists());
+    found.unwrap_or_else(|| {
+        panic!(
+            "no trellis-proxy beside {}: run `cargo test --workspace` (tests) or \
+             `cargo build --release -p trellis-sidecar` (benchmarks) first",
+            exe.display()
+        )
+    })
 }
 
 impl Mesh {
