@@ -81,7 +81,9 @@ impl Admin {
             let (tcp, _) = match listener.accept().await {
                 Ok(accepted) => accepted,
                 Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(%error, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 }
             };

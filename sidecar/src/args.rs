@@ -21,6 +21,12 @@ pub struct Args {
     #[arg(long, env = "TRELLIS_APP_ADDR")]
     pub app_addr: SocketAddr,
 
+    /// What the local app speaks: `http` (HTTP/1.1 or h2c; raw TCP to it is refused, so
+    /// no peer can forge `x-trellis-peer-id` inside a raw stream) or `tcp` (anything; raw
+    /// streams pass through and the app must not trust `x-trellis-peer-id` on them).
+    #[arg(long, env = "TRELLIS_APP_PROTOCOL", value_enum, default_value_t = AppKind::Http)]
+    pub app_protocol: AppKind,
+
     /// The mTLS listener peers connect to.
     #[arg(long, env = "TRELLIS_INBOUND_ADDR", default_value = "0.0.0.0:15006")]
     pub inbound_addr: SocketAddr,
@@ -58,6 +64,12 @@ pub struct Args {
     /// HTTP and opaque TCP apart (PERMISSIVE mode); silent clients are treated as TCP.
     #[arg(long, env = "TRELLIS_DETECT_TIMEOUT", default_value = "1s", value_parser = duration)]
     pub detect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AppKind {
+    Http,
+    Tcp,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

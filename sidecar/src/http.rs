@@ -92,11 +92,33 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     ] {
         headers.remove(name);
     }
-    if headers
-        .get(header::TE)
-        .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
-    {
-        headers.remove(header::TE);
+    // `te: trailers, deflate` (or several `te` lines) keep just `trailers`.
+    let wants_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case("trailers")
+        });
+    headers.remove(header::TE);
+    if wants_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// As `strip_hop_by_hop`, but keeps what an HTTP/1.1 upgrade needs on the next hop:
+/// `Connection: upgrade` and the `Upgrade` protocols.
+pub fn strip_hop_by_hop_keeping_upgrade(headers: &mut HeaderMap) {
+    let upgrade = headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(headers);
+    if let Some(upgrade) = upgrade {
+        headers.insert(header::UPGRADE, upgrade);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
 }
 
@@ -185,14 +207,18 @@ where
     builder
         .http1()
         .timer(hyper_util::rt::TokioTimer::new())
-        // A client that opens a connection and sends no complete header block in this
-        // time is dropped; hyper's implicit default would be 30 s.
-        .header_read_timeout(std::time::Duration::from_secs(10))
+        // A connection with no complete header block in this time is closed. hyper also
+        // runs it while a keep-alive connection is idle, so it doubles as the idle timeout
+        // for the app's pooled connections: long enough that pools rarely race it.
+        .header_read_timeout(std::time::Duration::from_secs(60))
         .keep_alive(true);
     builder
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
-        .max_concurrent_streams(1024);
+        .max_concurrent_streams(1024)
+        // Finds peers that vanished (a node gone) instead of holding their streams.
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
+        .keep_alive_timeout(std::time::Duration::from_secs(10));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
@@ -256,6 +282,32 @@ mod tests {
             headers.contains_key(header::TE),
             "gRPC's te: trailers survives"
         );
+
+        let mut headers = HeaderMap::new();
+        headers.append(
+            header::TE,
+            HeaderValue::from_static("deflate, trailers;q=1"),
+        );
+        headers.append(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut headers);
+        let te: Vec<_> = headers.get_all(header::TE).iter().collect();
+        assert_eq!(te, ["trailers"], "only trailers is left of a mixed te");
+    }
+
+    #[test]
+    fn an_upgrade_keeps_what_the_next_hop_needs() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, x-hop"),
+        );
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        strip_hop_by_hop_keeping_upgrade(&mut headers);
+        assert_eq!(headers[header::UPGRADE], "websocket");
+        assert_eq!(headers[header::CONNECTION], "upgrade");
+        assert_eq!(headers.len(), 2, "{headers:?}");
     }
 
     #[test]

@@ -60,6 +60,7 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
         service,
         namespace,
         app_addr,
+        app_protocol,
         inbound_addr,
         outbound_addr,
         admin_addr,
@@ -103,6 +104,7 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
     let inbound = Arc::new(Inbound::new(
         service.clone(),
         app_addr,
+        app_protocol,
         detect_timeout,
         destinations.clone(),
         &creds,
@@ -157,6 +159,8 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
         ));
     }
 
+    // Handlers go in before readiness is announced: a SIGTERM right after must drain.
+    let mut signals = Signals::install()?;
     // Tests and tooling read this line to learn the bound ports.
     tracing::info!(
         service,
@@ -167,33 +171,48 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
         "listening"
     );
 
-    wait_for_shutdown(&shutdown).await?;
+    tokio::select! {
+        name = signals.next() => tracing::info!(signal = name, "shutting down"),
+        () = shutdown.cancelled() => tracing::info!("shutting down on request"),
+    }
     shutdown.cancel();
     tracker.close();
     tracing::info!(timeout = ?drain_timeout, in_flight = tracker.len(), "draining");
-    if tokio::time::timeout(drain_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            cut = tracker.len(),
-            "drain timeout reached; closing the connections still open"
-        );
+    tokio::select! {
+        drained = tokio::time::timeout(drain_timeout, tracker.wait()) => {
+            if drained.is_err() {
+                tracing::warn!(cut = tracker.len(), "drain timeout reached; closing what is still open");
+            }
+        }
+        name = signals.next() => {
+            tracing::warn!(signal = name, cut = tracker.len(), "second signal: not waiting for the drain");
+        }
     }
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn wait_for_shutdown(shutdown: &CancellationToken) -> Result<(), ProxyError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).map_err(ProxyError::Signal)?;
-    let mut int = signal(SignalKind::interrupt()).map_err(ProxyError::Signal)?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
-        () = shutdown.cancelled() => {}
+/// SIGTERM and SIGINT, installed once.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, ProxyError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).map_err(ProxyError::Signal)?,
+            int: signal(SignalKind::interrupt()).map_err(ProxyError::Signal)?,
+        })
     }
-    Ok(())
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }
 
 /// Accepts until `shutdown`, handing each connection to `handle` as a tracked task so

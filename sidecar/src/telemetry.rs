@@ -115,34 +115,39 @@ pub fn correlate(headers: &mut HeaderMap) -> HeaderValue {
             id
         }
     };
-    let trace_id = headers
+    let parent = headers
         .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
-        .and_then(trace_id_of)
-        .map(str::to_string);
-    let traceparent = match trace_id {
-        Some(trace) => format!("00-{trace}-{}-01", hex(8)),
-        None => format!("00-{}-{}-01", hex(16), hex(8)),
-    };
+        .and_then(parse_traceparent)
+        .map(|(trace, flags)| format!("00-{trace}-{}-{flags}", hex(8)));
+    // A new trace is sampled; the tracing issue brings ratio-based sampling.
+    let traceparent = parent.unwrap_or_else(|| format!("00-{}-{}-01", hex(16), hex(8)));
     if let Ok(value) = HeaderValue::from_str(&traceparent) {
         headers.insert(TRACEPARENT, value);
     }
     request_id
 }
 
-/// The trace id of a valid version-00 `traceparent`.
-fn trace_id_of(value: &str) -> Option<&str> {
+/// Trace id and flags of a valid `traceparent`. Per W3C, a version above 00 is read
+/// as 00 (it may carry more fields after the four we know); version ff is invalid.
+fn parse_traceparent(value: &str) -> Option<(&str, &str)> {
     let mut parts = value.split('-');
     let (version, trace, parent, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let is_hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
-    let valid = version == "00"
-        && parts.next().is_none()
+    let is_hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let valid = is_hex(version, 2)
+        && version != "ff"
+        && (version != "00" || parts.next().is_none())
         && is_hex(trace, 32)
         && trace.bytes().any(|b| b != b'0')
         && is_hex(parent, 16)
+        && parent.bytes().any(|b| b != b'0')
         && is_hex(flags, 2);
-    valid.then_some(trace)
+    valid.then_some((trace, flags))
 }
 
 fn hex(bytes: usize) -> String {
@@ -177,21 +182,38 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(TRACEPARENT, HeaderValue::from_static(incoming));
         correlate(&mut headers);
-        let out = headers[TRACEPARENT].to_str().unwrap();
+        let out = headers[TRACEPARENT].to_str().unwrap().to_string();
         assert!(
             out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
             "{out}"
         );
         assert_ne!(out, incoming);
-        assert_eq!(trace_id_of(out), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        assert_eq!(
+            parse_traceparent(&out),
+            Some(("4bf92f3577b34da6a3ce929d0e0e4736", "01"))
+        );
+
+        // The caller's "not sampled" is kept; a future version is read as 00.
+        let unsampled = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-extra";
+        headers.insert(TRACEPARENT, HeaderValue::from_static(unsampled));
+        correlate(&mut headers);
+        let out = headers[TRACEPARENT].to_str().unwrap();
+        assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && out.ends_with("-00"));
 
         for bad in [
             "garbage",
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
         ] {
             headers.insert(TRACEPARENT, HeaderValue::from_static(bad));
             correlate(&mut headers);
-            assert!(trace_id_of(headers[TRACEPARENT].to_str().unwrap()).is_some());
+            let out = headers[TRACEPARENT].to_str().unwrap();
+            assert!(
+                !out.contains("4bf92f3577b34da6a3ce929d0e0e4736"),
+                "{bad} was continued"
+            );
+            assert!(parse_traceparent(out).is_some());
         }
     }
 }

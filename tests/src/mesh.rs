@@ -39,6 +39,8 @@ pub struct SidecarSpec {
     pub destinations: BTreeMap<String, Vec<EndpointConfig>>,
     pub tcp_outbound: Vec<String>,
     pub drain_timeout: &'static str,
+    /// `--app-protocol`: `http` or `tcp`.
+    pub app_protocol: &'static str,
 }
 
 impl SidecarSpec {
@@ -50,6 +52,7 @@ impl SidecarSpec {
             destinations: BTreeMap::new(),
             tcp_outbound: Vec::new(),
             drain_timeout: "30s",
+            app_protocol: "http",
         }
     }
 
@@ -182,6 +185,7 @@ impl Sidecar {
         let mut child = Command::new(proxy_binary())
             .args(["--service", &spec.service])
             .args(["--app-addr", &spec.app_addr.to_string()])
+            .args(["--app-protocol", spec.app_protocol])
             .args(["--inbound-addr", "127.0.0.1:0"])
             .args(["--outbound-addr", "127.0.0.1:0"])
             .args(["--admin-addr", "127.0.0.1:0"])

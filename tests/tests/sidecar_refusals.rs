@@ -183,6 +183,7 @@ async fn permissive_inbound_passes_opaque_plaintext_tcp() {
     let echo = apps::tcp_echo().await;
     let mut spec = SidecarSpec::new("cache", echo);
     spec.mtls = MtlsMode::Permissive;
+    spec.app_protocol = "tcp";
     let b = mesh.sidecar(spec);
     let mut tcp = tokio::net::TcpStream::connect(b.inbound).await.unwrap();
     tcp.write_all(b"\x00\x01not http at all").await.unwrap();

@@ -108,6 +108,8 @@ async fn absolute_form_requests_are_routed_by_their_authority() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
     assert_eq!(header(&response, "x-app-name"), "b");
+    // The authority it was routed by is the app's Host, not the stale Host header.
+    assert_eq!(header(&response, "x-app-host"), "b.default");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,18 +235,11 @@ async fn grpc_unary_streaming_trailers_and_errors_cross_the_mesh() {
 async fn opaque_tcp_crosses_two_sidecars() {
     let mesh = Mesh::new();
     let echo = apps::tcp_echo().await;
-    let b = mesh.sidecar(SidecarSpec::new("cache", echo));
-    let mut spec =
-        SidecarSpec::new("a", "127.0.0.1:9".parse().unwrap()).to("cache", vec![b.endpoint()]);
-    spec.tcp_outbound = vec!["cache".into()];
-    let a = mesh.sidecar(spec);
-    let (_, config) = admin_get(a.admin, "/config").await;
-    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
-    let listen: SocketAddr = config["listeners"]["tcpOutbound"][0]["listen"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let mut b_spec = SidecarSpec::new("cache", echo);
+    b_spec.app_protocol = "tcp";
+    let b = mesh.sidecar(b_spec);
+    let a = tcp_client_of(&mesh, &b, "cache");
+    let listen = tcp_listener(&a).await;
 
     let mut tcp = tokio::net::TcpStream::connect(listen).await.unwrap();
     // Not HTTP, and binary: a Redis-like ping and some raw bytes.
@@ -259,6 +254,86 @@ async fn opaque_tcp_crosses_two_sidecars() {
         within("tcp echo", tcp.read_exact(&mut back)).await.unwrap();
         assert_eq!(back, payload);
     }
+}
+
+/// A sidecar with a TCP listener for `service`, routed to `b`.
+fn tcp_client_of(mesh: &Mesh, b: &Sidecar, service: &str) -> Sidecar {
+    let mut spec =
+        SidecarSpec::new("a", "127.0.0.1:9".parse().unwrap()).to(service, vec![b.endpoint()]);
+    spec.tcp_outbound = vec![service.into()];
+    mesh.sidecar(spec)
+}
+
+async fn tcp_listener(sidecar: &Sidecar) -> SocketAddr {
+    let (_, config) = admin_get(sidecar.admin, "/config").await;
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    config["listeners"]["tcpOutbound"][0]["listen"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_stream_cannot_reach_an_http_app_with_a_forged_peer_id() {
+    let mesh = Mesh::new();
+    let (app, _) = apps::http_app("admin", Duration::ZERO).await;
+    let b = mesh.sidecar(SidecarSpec::new("admin", app));
+    let a = tcp_client_of(&mesh, &b, "admin");
+    let mut tcp = tokio::net::TcpStream::connect(tcp_listener(&a).await)
+        .await
+        .unwrap();
+    let forged = format!(
+        "GET / HTTP/1.1\r\nHost: admin\r\nx-trellis-peer-id: {}\r\n\r\n",
+        workload_id("root")
+    );
+    tcp.write_all(forged.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    // The stream is closed without an answer (a reset is as good as an EOF).
+    let _ = within("refusal", tcp.read_to_end(&mut answer)).await;
+    assert!(
+        answer.is_empty(),
+        "the HTTP app answered a raw stream: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn p2c_steers_away_from_an_endpoint_that_refuses_connections() {
+    let mesh = Mesh::new();
+    let (app, _) = apps::http_app("b", Duration::ZERO).await;
+    let live = mesh.sidecar(SidecarSpec::new("b", app));
+    // A port that was just free: nothing listens there.
+    let dead_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let dead = trellis_api::config::EndpointConfig {
+        address: dead_addr,
+        identity: workload_id("b"),
+    };
+    let a = mesh.sidecar(
+        SidecarSpec::new("a", "127.0.0.1:9".parse().unwrap()).to("b", vec![live.endpoint(), dead]),
+    );
+    let client = http1_client();
+    let mut failures = 0;
+    for _ in 0..50 {
+        let request = Request::get(format!("http://{}/", a.outbound))
+            .header(header::HOST, "b")
+            .body(Full::default())
+            .unwrap();
+        let response = within("request", client.request(request)).await.unwrap();
+        if response.status() != StatusCode::OK {
+            assert_eq!(header(&response, "x-trellis-error"), "connect-failed");
+            failures += 1;
+        }
+    }
+    // Without retries (a later issue) the first try may land on it; after that the
+    // failure penalty keeps P2C away.
+    assert!(
+        failures <= 2,
+        "{failures} of 50 requests went to the dead endpoint"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,9 +28,10 @@ use trellis_api::config::MtlsMode;
 use trellis_ca::{Credentials, SpiffeId};
 
 use crate::{
+    args::AppKind,
     http::{
         APP_PROTOCOL, AppProtocol, PEER_ID, ProxyBody, authority_of, forward_upgrade, is_upgrade,
-        mesh_error, serve_connection, strip_hop_by_hop,
+        mesh_error, serve_connection, strip_hop_by_hop, strip_hop_by_hop_keeping_upgrade,
     },
     outbound::{
         connect::{ALPN_H2, ALPN_HTTP1, ALPN_TCP},
@@ -41,10 +42,15 @@ use crate::{
 use detect::Protocol;
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Shorter than common app keep-alive timeouts (Node's is 5 s), so the pool does not
+/// hand out a connection the app is closing.
+const APP_POOL_IDLE: Duration = Duration::from_secs(4);
 
 pub struct Inbound {
     service: String,
     app_addr: SocketAddr,
+    app_kind: AppKind,
     detect_timeout: Duration,
     destinations: Arc<ArcSwap<Destinations>>,
     tls: TlsAcceptor,
@@ -65,6 +71,7 @@ impl Inbound {
     pub fn new(
         service: String,
         app_addr: SocketAddr,
+        app_kind: AppKind,
         detect_timeout: Duration,
         destinations: Arc<ArcSwap<Destinations>>,
         creds: &Credentials,
@@ -76,12 +83,13 @@ impl Inbound {
                 .http2_only(http2_only)
                 .timer(TokioTimer::new())
                 .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_idle_timeout(APP_POOL_IDLE)
                 .build(AppConnector(app_addr))
         };
         Ok(Self {
             service,
             app_addr,
+            app_kind,
             detect_timeout,
             destinations,
             tls: TlsAcceptor::from(Arc::new(tls)),
@@ -120,14 +128,10 @@ impl Inbound {
                     // The verifier already accepted it, so this cannot happen; refuse anyway.
                     Err(error) => return tracing::warn!(%error, "verified peer has no id"),
                 };
-                let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
-                if alpn.as_deref() == Some(ALPN_TCP) {
+                if session.alpn_protocol() == Some(ALPN_TCP) {
                     self.forward_tcp(tls, Some(&peer)).await;
                 } else {
-                    let service = InboundService {
-                        inbound: self.clone(),
-                        peer: Some(peer),
-                    };
+                    let service = InboundService::new(self.clone(), Some(peer));
                     serve_connection(tls, service, drain).await;
                 }
             }
@@ -136,27 +140,32 @@ impl Inbound {
                 tracing::info!(?protocol, "plaintext refused: mtls is STRICT");
             }
             (Protocol::Http1 | Protocol::Http2, MtlsMode::Permissive) => {
-                let service = InboundService {
-                    inbound: self.clone(),
-                    peer: None,
-                };
+                let service = InboundService::new(self.clone(), None);
                 serve_connection(io, service, drain).await;
             }
             (Protocol::Opaque, MtlsMode::Permissive) => self.forward_tcp(io, None).await,
         }
     }
 
+    /// Opaque bytes to the app, only when it is declared to speak TCP: an HTTP app
+    /// reached through a raw stream would see whatever `x-trellis-peer-id` the
+    /// caller wrote.
     async fn forward_tcp<T>(&self, mut downstream: T, peer: Option<&SpiffeId>)
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let mut app = match TcpStream::connect(self.app_addr).await {
+        if self.app_kind != AppKind::Tcp {
+            return tracing::info!(
+                peer_id = peer.map(SpiffeId::as_str),
+                "opaque TCP refused: the app speaks HTTP (--app-protocol http)"
+            );
+        }
+        let mut app = match connect_app(self.app_addr).await {
             Ok(app) => app,
             Err(error) => {
                 return tracing::warn!(%error, app = %self.app_addr, "app refused a TCP connection");
             }
         };
-        let _ = app.set_nodelay(true);
         let gauge = metrics::gauge!(telemetry::TCP_OPEN, "direction" => "inbound");
         gauge.increment(1.0);
         let result = tokio::io::copy_bidirectional(&mut downstream, &mut app).await;
@@ -175,24 +184,17 @@ impl Inbound {
         }
     }
 
-    async fn handle(
-        &self,
-        mut req: Request<Incoming>,
-        peer: Option<&SpiffeId>,
-    ) -> Response<ProxyBody> {
+    async fn handle(&self, mut req: Request<Incoming>, caller: &Caller) -> Response<ProxyBody> {
         let start = Instant::now();
         let request_id = telemetry::correlate(req.headers_mut());
-        let headers = req.headers_mut();
-        // Only this sidecar may say who the caller is.
-        headers.remove(PEER_ID);
-        if let Some(value) = peer.and_then(|p| HeaderValue::from_str(p.as_str()).ok()) {
-            headers.insert(PEER_ID, value);
+        // Only this sidecar may say who the caller is, and only a mesh peer may say
+        // what its app spoke.
+        let claimed_protocol = req.headers_mut().remove(APP_PROTOCOL);
+        let protocol = match (&caller.peer, claimed_protocol) {
+            (Some(_), Some(value)) => AppProtocol::from_header(&value),
+            _ => None,
         }
-        let protocol = headers
-            .remove(APP_PROTOCOL)
-            .as_ref()
-            .and_then(AppProtocol::from_header)
-            .unwrap_or_else(|| AppProtocol::of(&req));
+        .unwrap_or_else(|| AppProtocol::of(&req));
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let authority = authority_of(&req)
@@ -200,19 +202,16 @@ impl Inbound {
             .unwrap_or_else(|| self.app_addr.to_string());
 
         let response = if is_upgrade(&req) {
-            self.upgrade(req).await
+            self.upgrade(req, caller).await
         } else {
-            self.forward(req, protocol, &authority).await
+            self.forward(req, caller, protocol, &authority).await
         };
 
         let elapsed = start.elapsed();
-        let peer_service = peer
-            .and_then(|p| p.workload_parts())
-            .map_or("unknown", |(_, sa)| sa);
         telemetry::record_request(
             Direction::Inbound,
             &self.service,
-            peer_service,
+            &caller.peer_service,
             response.status(),
             elapsed,
         );
@@ -224,7 +223,7 @@ impl Inbound {
             path,
             status = response.status().as_u16(),
             duration_ms = elapsed.as_secs_f64() * 1e3,
-            peer_id = peer.map(SpiffeId::as_str),
+            peer_id = caller.peer.as_ref().map(SpiffeId::as_str),
             request_id = request_id.to_str().unwrap_or_default(),
             "request"
         );
@@ -234,16 +233,16 @@ impl Inbound {
     async fn forward(
         &self,
         req: Request<Incoming>,
+        caller: &Caller,
         protocol: AppProtocol,
         authority: &str,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = req.into_parts();
+        // Stripping first: a peer must not be able to name the peer-id header in
+        // `Connection` and so have its verified id removed.
         strip_hop_by_hop(&mut parts.headers);
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_string();
+        caller.stamp(&mut parts.headers);
+        let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         parts.uri = match Uri::builder()
             .scheme("http")
             .authority(authority)
@@ -252,20 +251,17 @@ impl Inbound {
         {
             Ok(uri) => uri,
             Err(e) => {
-                return mesh_error(
-                    StatusCode::BAD_REQUEST,
-                    "bad-request",
-                    format!("request target: {e}"),
-                );
+                let message = format!("request target: {e}");
+                return mesh_error(StatusCode::BAD_REQUEST, "bad-request", message);
             }
         };
         let client = match protocol {
             AppProtocol::Http1 => {
                 parts.version = http::Version::HTTP_11;
-                parts.headers.entry(http::header::HOST).or_insert(
-                    HeaderValue::from_str(authority)
-                        .unwrap_or(HeaderValue::from_static("localhost")),
-                );
+                // The authority the caller addressed is the app's Host.
+                if let Ok(host) = HeaderValue::from_str(authority) {
+                    parts.headers.insert(http::header::HOST, host);
+                }
                 &self.app_h1
             }
             AppProtocol::Http2 => {
@@ -286,15 +282,14 @@ impl Inbound {
         }
     }
 
-    async fn upgrade(&self, req: Request<Incoming>) -> Response<ProxyBody> {
-        let app = match TcpStream::connect(self.app_addr).await {
+    async fn upgrade(&self, mut req: Request<Incoming>, caller: &Caller) -> Response<ProxyBody> {
+        strip_hop_by_hop_keeping_upgrade(req.headers_mut());
+        caller.stamp(req.headers_mut());
+        let app = match connect_app(self.app_addr).await {
             Ok(app) => app,
             Err(e) => {
-                return mesh_error(
-                    StatusCode::BAD_GATEWAY,
-                    "app-unavailable",
-                    format!("connecting to the app: {e}"),
-                );
+                let message = format!("connecting to the app: {e}");
+                return mesh_error(StatusCode::BAD_GATEWAY, "app-unavailable", message);
             }
         };
         forward_upgrade(req, app).await.unwrap_or_else(|e| {
@@ -305,6 +300,55 @@ impl Inbound {
             )
         })
     }
+}
+
+/// Who is on the other end of a connection, worked out once per connection.
+#[derive(Debug)]
+struct Caller {
+    peer: Option<SpiffeId>,
+    /// `x-trellis-peer-id` as the app will see it.
+    header: Option<HeaderValue>,
+    /// The metrics label: the peer's service account, or `unknown` without mTLS.
+    peer_service: String,
+}
+
+impl Caller {
+    fn new(peer: Option<SpiffeId>) -> Self {
+        let header = peer
+            .as_ref()
+            .and_then(|p| HeaderValue::from_str(p.as_str()).ok());
+        let peer_service = peer
+            .as_ref()
+            .and_then(|p| p.workload_parts())
+            .map_or("unknown", |(_, sa)| sa)
+            .to_string();
+        Self {
+            peer,
+            header,
+            peer_service,
+        }
+    }
+
+    /// Replaces any `x-trellis-peer-id` the caller sent with the verified one (or none).
+    fn stamp(&self, headers: &mut http::HeaderMap) {
+        headers.remove(PEER_ID);
+        if let Some(value) = &self.header {
+            headers.insert(PEER_ID, value.clone());
+        }
+    }
+}
+
+async fn connect_app(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let tcp = tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connecting to the app at {addr} timed out after {APP_CONNECT_TIMEOUT:?}"),
+            )
+        })??;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 /// The reason label for a refused handshake (bounded, for metrics).
@@ -322,10 +366,19 @@ fn handshake_failure(error: &std::io::Error) -> &'static str {
 }
 
 /// Per-connection request handler: the inbound plus who is on the other end.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 struct InboundService {
     inbound: Arc<Inbound>,
-    peer: Option<SpiffeId>,
+    caller: Arc<Caller>,
+}
+
+impl InboundService {
+    fn new(inbound: Arc<Inbound>, peer: Option<SpiffeId>) -> Self {
+        Self {
+            inbound,
+            caller: Arc::new(Caller::new(peer)),
+        }
+    }
 }
 
 impl hyper::service::Service<Request<Incoming>> for InboundService {
@@ -335,7 +388,7 @@ impl hyper::service::Service<Request<Incoming>> for InboundService {
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let this = self.clone();
-        Box::pin(async move { Ok(this.inbound.handle(req, this.peer.as_ref()).await) })
+        Box::pin(async move { Ok(this.inbound.handle(req, &this.caller).await) })
     }
 }
 
@@ -354,10 +407,6 @@ impl tower::Service<Uri> for AppConnector {
 
     fn call(&mut self, _: Uri) -> Self::Future {
         let addr = self.0;
-        Box::pin(async move {
-            let tcp = TcpStream::connect(addr).await?;
-            let _ = tcp.set_nodelay(true);
-            Ok(TokioIo::new(tcp))
-        })
+        Box::pin(async move { Ok(TokioIo::new(connect_app(addr).await?)) })
     }
 }

@@ -15,6 +15,10 @@ use std::{
 const DECAY: Duration = Duration::from_secs(10);
 /// The latency assumed for an endpoint with no response yet.
 const DEFAULT_RTT: Duration = Duration::from_millis(1);
+/// What a failed request counts as: an endpoint that refuses or drops requests must
+/// look slow, not fast, or P2C would pour traffic into it. It decays like any sample,
+/// so the endpoint is tried again once the penalty has faded.
+const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 
 /// Load estimate of one endpoint. Lock-free; a lost race between two updates loses
 /// one sample, which an estimate can afford.
@@ -106,6 +110,13 @@ impl InFlight {
         let now = Instant::now();
         self.load.observe(now - self.start, now);
     }
+
+    /// The request failed without a response.
+    pub fn fail(self) {
+        let now = Instant::now();
+        self.load
+            .observe(FAILURE_PENALTY.max(now - self.start), now);
+    }
 }
 
 impl Drop for InFlight {
@@ -156,6 +167,18 @@ mod tests {
         // ...but one long after mostly replaces it.
         load.observe(Duration::from_millis(1), now + Duration::from_secs(60));
         assert!(load.rtt() < Duration::from_millis(2), "{:?}", load.rtt());
+    }
+
+    #[test]
+    fn a_failing_endpoint_loses_to_a_slow_one() {
+        let failing = Arc::new(PeakEwma::default());
+        failing.start().fail();
+        let slow = observed(50);
+        let items = [failing, slow];
+        let picks = (0..100)
+            .filter(|_| Arc::ptr_eq(p2c(&items, |l| l).unwrap(), &items[1]))
+            .count();
+        assert_eq!(picks, 100);
     }
 
     #[test]

@@ -91,6 +91,14 @@ impl Destinations {
     /// `payment.shop.svc` or `payment.shop.svc.cluster.local` (port already removed).
     /// A namespace in the name must be the service's.
     pub fn resolve(&self, host: &str) -> Option<&Arc<Destination>> {
+        // DNS names are case-insensitive; service names are lowercase.
+        let lowered;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lowered = host.to_ascii_lowercase();
+            lowered.as_str()
+        } else {
+            host
+        };
         if let Some(found) = self.services.get(host) {
             return Some(found);
         }
@@ -207,6 +215,7 @@ mod tests {
         let d = destinations();
         for host in [
             "payment",
+            "Payment.Shop",
             "payment.shop",
             "payment.shop.svc",
             "payment.shop.svc.cluster.local",

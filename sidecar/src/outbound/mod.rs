@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use crate::{
     http::{
         APP_PROTOCOL, AppProtocol, PEER_ID, ProxyBody, authority_of, error_chain, forward_upgrade,
-        host_of, is_upgrade, mesh_error, strip_hop_by_hop,
+        host_of, is_upgrade, mesh_error, strip_hop_by_hop, strip_hop_by_hop_keeping_upgrade,
     },
     telemetry::{self, Direction},
 };
@@ -113,6 +113,9 @@ impl Outbound {
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(PEER_ID);
+        // The authority the request was routed by travels as :authority and becomes the
+        // app's Host; a different Host (absolute form) must not override it.
+        parts.headers.remove(http::header::HOST);
         parts.headers.insert(APP_PROTOCOL, protocol.header_value());
         let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         parts.uri = match Uri::builder()
@@ -144,7 +147,7 @@ impl Outbound {
                 response.map(Either::Left)
             }
             Err(error) => {
-                drop(in_flight);
+                in_flight.fail();
                 peer_failure(&error, &endpoint.target.addr)
             }
         };
@@ -188,7 +191,9 @@ impl Outbound {
     }
 }
 
-async fn upgrade(endpoint: &Endpoint, req: Request<Incoming>) -> Response<ProxyBody> {
+async fn upgrade(endpoint: &Endpoint, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    strip_hop_by_hop_keeping_upgrade(req.headers_mut());
+    req.headers_mut().remove(PEER_ID);
     let io = match endpoint.target.connect_http1().await {
         Ok(io) => io,
         Err(error) => return connect_failure(&error),
