@@ -41,6 +41,9 @@ struct Args {
     /// Skip HAProxy even when it is installed.
     #[arg(long)]
     no_haproxy: bool,
+    /// Also measure one sidecar alone (plaintext into its inbound), to split costs.
+    #[arg(long)]
+    single_hop: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -145,6 +148,15 @@ async fn run(args: Args) -> Result<Report, String> {
     let pids = [("client-side", a.pid()), ("server-side", b.pid())];
     scenarios.push(measure("trellis", a.outbound, "b", &pids, &args).await?);
     drop((a, b));
+
+    if args.single_hop {
+        // One sidecar only, plaintext in (PERMISSIVE): tells the hop's cost from the pair's.
+        let mut spec = SidecarSpec::new("b", backend);
+        spec.mtls = trellis_api::config::MtlsMode::Permissive;
+        let b = mesh.sidecar(spec);
+        let pids = [("server-side", b.pid())];
+        scenarios.push(measure("trellis-inbound-only", b.inbound, "b", &pids, &args).await?);
+    }
 
     if args.no_haproxy || !haproxy::installed() {
         eprintln!("haproxy not measured (install it with `apt-get install haproxy`)");
