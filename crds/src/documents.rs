@@ -1,0 +1,193 @@
+//! The YAML (or JSON) operators apply: one or more documents, each a Trellis
+//! resource, parsed by `kind` and validated together so a route can name a subset
+//! its DestinationPolicy defines in the same file.
+
+use serde::Deserialize;
+
+use crate::{
+    AuthorizationPolicy, Canary, DestinationPolicy, DestinationPolicySpec, MeshConfig,
+    TrafficRoute, validation::Invalid,
+};
+
+/// One applied resource.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Document {
+    MeshConfig(MeshConfig),
+    DestinationPolicy(DestinationPolicy),
+    TrafficRoute(TrafficRoute),
+    AuthorizationPolicy(AuthorizationPolicy),
+    Canary(Canary),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    #[error("document {index}: {message}")]
+    Parse { index: usize, message: String },
+    #[error("document {index}: apiVersion {found:?} is not trellis.dev/v1alpha1")]
+    ApiVersion { index: usize, found: String },
+    #[error(
+        "document {index}: kind {found:?} is not one of MeshConfig, DestinationPolicy, \
+         TrafficRoute, AuthorizationPolicy, Canary"
+    )]
+    Kind { index: usize, found: String },
+}
+
+#[derive(Deserialize)]
+struct TypeMeta {
+    #[serde(rename = "apiVersion", default)]
+    api_version: String,
+    #[serde(default)]
+    kind: String,
+}
+
+/// Parses every document of `text` (YAML; JSON is YAML too). Empty documents are
+/// skipped; anything else that is not a Trellis resource is an error naming it.
+pub fn parse_documents(text: &str) -> Result<Vec<Document>, DocumentError> {
+    let mut documents = Vec::new();
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let value =
+            serde_yaml_ng::Value::deserialize(document).map_err(|e| DocumentError::Parse {
+                index,
+                message: e.to_string(),
+            })?;
+        if value.is_null() {
+            continue;
+        }
+        let meta: TypeMeta =
+            serde_yaml_ng::from_value(value.clone()).map_err(|e| DocumentError::Parse {
+                index,
+                message: e.to_string(),
+            })?;
+        if meta.api_version != format!("{}/{}", crate::GROUP, crate::VERSION) {
+            return Err(DocumentError::ApiVersion {
+                index,
+                found: meta.api_version,
+            });
+        }
+        fn typed<T: serde::de::DeserializeOwned>(
+            index: usize,
+            value: serde_yaml_ng::Value,
+        ) -> Result<T, DocumentError> {
+            serde_yaml_ng::from_value(value).map_err(|e| DocumentError::Parse {
+                index,
+                message: e.to_string(),
+            })
+        }
+        documents.push(match meta.kind.as_str() {
+            "MeshConfig" => Document::MeshConfig(typed(index, value)?),
+            "DestinationPolicy" => Document::DestinationPolicy(typed(index, value)?),
+            "TrafficRoute" => Document::TrafficRoute(typed(index, value)?),
+            "AuthorizationPolicy" => Document::AuthorizationPolicy(typed(index, value)?),
+            "Canary" => Document::Canary(typed(index, value)?),
+            _ => {
+                return Err(DocumentError::Kind {
+                    index,
+                    found: meta.kind,
+                });
+            }
+        });
+    }
+    Ok(documents)
+}
+
+impl Document {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::MeshConfig(_) => "MeshConfig",
+            Self::DestinationPolicy(_) => "DestinationPolicy",
+            Self::TrafficRoute(_) => "TrafficRoute",
+            Self::AuthorizationPolicy(_) => "AuthorizationPolicy",
+            Self::Canary(_) => "Canary",
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        let meta = match self {
+            Self::MeshConfig(r) => &r.metadata,
+            Self::DestinationPolicy(r) => &r.metadata,
+            Self::TrafficRoute(r) => &r.metadata,
+            Self::AuthorizationPolicy(r) => &r.metadata,
+            Self::Canary(r) => &r.metadata,
+        };
+        meta.name.as_deref().unwrap_or_default()
+    }
+
+    /// The namespace, `default` when unset; cluster-scoped kinds have none.
+    pub fn namespace(&self) -> Option<&str> {
+        let meta = match self {
+            Self::MeshConfig(_) => return None,
+            Self::DestinationPolicy(r) => &r.metadata,
+            Self::TrafficRoute(r) => &r.metadata,
+            Self::AuthorizationPolicy(r) => &r.metadata,
+            Self::Canary(r) => &r.metadata,
+        };
+        Some(meta.namespace.as_deref().unwrap_or("default"))
+    }
+}
+
+/// Validates every document; routes and canaries are checked against the
+/// DestinationPolicy of their service in the same namespace, from `known` (already
+/// applied) or the batch itself (which wins).
+pub fn validate_batch(
+    documents: &[Document],
+    known: &[DestinationPolicy],
+) -> Result<(), Vec<Invalid>> {
+    let policies: Vec<&DestinationPolicy> = documents
+        .iter()
+        .filter_map(|d| match d {
+            Document::DestinationPolicy(p) => Some(p),
+            _ => None,
+        })
+        .chain(known.iter())
+        .collect();
+    let policy_for = |namespace: Option<&str>, service: &str| -> Option<&DestinationPolicySpec> {
+        policies
+            .iter()
+            .find(|p| {
+                p.spec.service == service
+                    && p.metadata.namespace.as_deref().unwrap_or("default")
+                        == namespace.unwrap_or("default")
+            })
+            .map(|p| &p.spec)
+    };
+    let mut problems = Vec::new();
+    for document in documents {
+        let name = document.name();
+        let name_problem = if name.is_empty() {
+            Some("metadata.name is required")
+        } else if !crate::validation::is_dns_label(name) && name.len() > 253 {
+            Some("metadata.name is too long")
+        } else {
+            None
+        };
+        let result = match name_problem {
+            Some(message) => Err(Invalid {
+                kind: document.kind(),
+                name: name.to_string(),
+                errors: vec![crate::validation::FieldError {
+                    path: "metadata.name".into(),
+                    message: message.into(),
+                }],
+            }),
+            None => match document {
+                Document::MeshConfig(r) => r.spec.validate(name),
+                Document::DestinationPolicy(r) => r.spec.validate(name),
+                Document::TrafficRoute(r) => r
+                    .spec
+                    .validate(name, policy_for(document.namespace(), &r.spec.service)),
+                Document::AuthorizationPolicy(r) => r.spec.validate(name),
+                Document::Canary(r) => r
+                    .spec
+                    .validate(name, policy_for(document.namespace(), &r.spec.service)),
+            },
+        };
+        if let Err(invalid) = result {
+            problems.push(invalid);
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems)
+    }
+}

@@ -1,0 +1,244 @@
+//! The checked-in CRD manifests match the types, every example is valid, and bad
+//! resources are refused with the field path of each problem.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+use std::path::Path;
+
+use trellis_crds::{Document, crd_yaml, crds, parse_documents, validate_batch};
+
+fn problems(yaml: &str) -> Vec<String> {
+    let documents = parse_documents(yaml).unwrap();
+    match validate_batch(&documents, &[]) {
+        Ok(()) => vec![],
+        Err(invalid) => invalid
+            .iter()
+            .flat_map(|i| {
+                i.errors
+                    .iter()
+                    .map(|e| format!("{}: {}", e.path, e.message))
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn checked_in_manifests_match_the_types() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("manifests");
+    for (file, crd) in crds() {
+        let want = crd_yaml(&crd).unwrap();
+        let have = std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+        assert!(
+            have == want,
+            "crds/manifests/{file} is out of date: run `cargo run -p trellis-crds --bin crdgen`"
+        );
+    }
+}
+
+#[test]
+fn manifests_carry_the_schema_limits_and_cel_rules() {
+    let all: String = crds()
+        .iter()
+        .map(|(_, crd)| crd_yaml(crd).unwrap())
+        .collect();
+    for needle in [
+        "x-kubernetes-validations",
+        "has(self.service) != has(self.subset)",
+        "self.metadata.name == 'default'",
+        "maximum: 100",
+        "^([0-9]+(ms|s|m|h|d))+$",
+        "- p2c-ewma",
+        "- STRICT",
+    ] {
+        assert!(all.contains(needle), "no {needle:?} in the generated CRDs");
+    }
+}
+
+#[test]
+fn every_example_parses_and_validates() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut files = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let documents =
+                parse_documents(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert!(!documents.is_empty(), "{}", path.display());
+            if let Err(invalid) = validate_batch(&documents, &[]) {
+                panic!("{}: {}", path.display(), invalid[0]);
+            }
+            // What is parsed serializes back to the same resource.
+            for document in &documents {
+                let again = match document {
+                    Document::TrafficRoute(r) => serde_yaml_ng::to_string(r).unwrap(),
+                    Document::DestinationPolicy(r) => serde_yaml_ng::to_string(r).unwrap(),
+                    Document::AuthorizationPolicy(r) => serde_yaml_ng::to_string(r).unwrap(),
+                    Document::Canary(r) => serde_yaml_ng::to_string(r).unwrap(),
+                    Document::MeshConfig(r) => serde_yaml_ng::to_string(r).unwrap(),
+                };
+                assert_eq!(&parse_documents(&again).unwrap()[0], document);
+            }
+            files += 1;
+        }
+    }
+    assert!(files >= 3);
+}
+
+#[test]
+fn route_problems_name_their_field_paths() {
+    let found = problems(
+        r#"
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficRoute
+metadata: {name: payment}
+spec:
+  service: payment
+  rules:
+    - backends: [{service: payment, weight: 1}]
+    - match: {pathPrefix: /a, pathRegex: "("}
+      backends:
+        - {service: payment, weight: 0}
+        - {subset: v9, weight: 0}
+      mirror: {service: shadow, percent: 150}
+      timeout: soon
+      retries: {attempts: 11, on: [5xx, teapot], backoff: {base: 1s, max: 10ms}}
+      bulkhead: critical
+"#,
+    );
+    for want in [
+        "spec.rules[1].match: give at most one of pathPrefix, pathExact, pathRegex",
+        "spec.rules[1].match.pathRegex: does not compile as a regex",
+        "spec.rules[1].backends: weights must sum to more than 0",
+        "spec.rules[1].backends[1].subset: no subset \"v9\"",
+        "spec.rules[1].mirror.percent: must be between 0 and 100, not 150",
+        "spec.rules[1].timeout: invalid duration \"soon\"",
+        "spec.rules[1].retries.attempts: must be between 1 and 10",
+        "spec.rules[1].retries.on[1]: \"teapot\" is not",
+        "spec.rules[1].retries.backoff: base must not exceed max",
+        "spec.rules[1].bulkhead: no bulkhead \"critical\"",
+    ] {
+        assert!(
+            found.iter().any(|p| p.starts_with(want)),
+            "missing {want:?} in {found:#?}"
+        );
+    }
+    assert!(
+        !found.iter().any(|p| p.starts_with("spec.rules[0]")),
+        "{found:#?}"
+    );
+}
+
+#[test]
+fn a_subset_defined_in_the_same_batch_is_found() {
+    let with_policy = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: DestinationPolicy
+metadata: {name: p, namespace: shop}
+spec:
+  service: payment
+  subsets: [{name: v2, labels: {version: v2}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficRoute
+metadata: {name: r, namespace: shop}
+spec:
+  service: payment
+  rules: [{backends: [{subset: v2, weight: 1}]}]
+"#;
+    assert_eq!(problems(with_policy), Vec::<String>::new());
+    // The same route in another namespace does not see that policy.
+    let elsewhere = with_policy.replace(
+        "metadata: {name: r, namespace: shop}",
+        "metadata: {name: r, namespace: other}",
+    );
+    assert_eq!(problems(&elsewhere).len(), 1);
+}
+
+#[test]
+fn policy_canary_authz_and_mesh_problems_are_named() {
+    let found = problems(
+        r#"
+apiVersion: trellis.dev/v1alpha1
+kind: DestinationPolicy
+metadata: {name: p}
+spec:
+  service: Payment
+  subsets: [{name: v1, labels: {}}, {name: v1, labels: {a: b}}]
+  circuitBreaker: {consecutiveFailures: 0, interval: 1x, baseEjectionTime: 30s, maxEjectionPercent: 101}
+  bulkheads: [{name: critical, maxConcurrentRequests: 0, maxPendingTime: later}]
+  retryBudget: {ratio: 1.5}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Canary
+metadata: {name: c}
+spec:
+  service: reco
+  stableSubset: v1
+  canarySubset: v1
+  steps: [10, 5, 120]
+  interval: 1m
+  analysis: {minSuccessRate: 99, maxP99Latency: fast}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: a}
+spec:
+  service: payment
+  rules:
+    - from: [{identity: "http://x"}, {identity: spiffe://td/a, namespace: ns}]
+      to: [{methods: [get], paths: [pay]}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: MeshConfig
+metadata: {name: mesh}
+spec: {certTTL: 1 day}
+"#,
+    );
+    for want in [
+        "spec.service: \"Payment\" is not a DNS-1123 label",
+        "spec.subsets[0].labels: must select at least one label",
+        "spec.subsets[1].name: \"v1\" is used twice",
+        "spec.circuitBreaker.consecutiveFailures: must be at least 1",
+        "spec.circuitBreaker.interval: invalid duration",
+        "spec.circuitBreaker.maxEjectionPercent: must be between 0 and 100",
+        "spec.bulkheads[0].maxConcurrentRequests: must be at least 1",
+        "spec.bulkheads[0].maxPendingTime: invalid duration",
+        "spec.retryBudget.ratio: must be between 0 and 1",
+        "spec.stableSubset: no subset \"v1\"",
+        "spec.canarySubset: must differ from stableSubset",
+        "spec.steps[1]: steps must rise",
+        "spec.steps[2]: must be between 1 and 100",
+        "spec.analysis.maxP99Latency: invalid duration",
+        "spec.rules[0].from[0].identity: \"http://x\" is not a spiffe:// id",
+        "spec.rules[0].from[1]: give exactly one of identity and namespace",
+        "spec.rules[0].to[0].methods[0]: \"get\" is not an upper-case HTTP method",
+        "spec.rules[0].to[0].paths[0]: must start with '/'",
+        "metadata.name: the MeshConfig must be named \"default\"",
+        "spec.certTTL: invalid duration",
+    ] {
+        assert!(
+            found.iter().any(|p| p.starts_with(want)),
+            "missing {want:?} in {found:#?}"
+        );
+    }
+}
+
+#[test]
+fn malformed_documents_are_refused_with_their_index() {
+    let e = parse_documents("apiVersion: trellis.dev/v1alpha1\nkind: Nope\nmetadata: {name: x}\n")
+        .unwrap_err();
+    assert!(
+        e.to_string().starts_with("document 0: kind \"Nope\""),
+        "{e}"
+    );
+    let e = parse_documents("---\napiVersion: v1\nkind: Service\n").unwrap_err();
+    assert!(e.to_string().contains("is not trellis.dev/v1alpha1"), "{e}");
+    let e = parse_documents(
+        "apiVersion: trellis.dev/v1alpha1\nkind: TrafficRoute\nmetadata: {name: r}\nspec: {service: a, rules: [], typo: 1}\n",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("unknown field `typo`"), "{e}");
+    let e = parse_documents("key: [unclosed").unwrap_err();
+    assert!(e.to_string().starts_with("document 0:"), "{e}");
+}
