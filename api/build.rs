@@ -6,7 +6,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure().compile_with_config(
         config,
-        &["proto/trellis/identity/v1/identity.proto"],
+        &[
+            "proto/trellis/identity/v1/identity.proto",
+            "proto/trellis/discovery/v1/discovery.proto",
+        ],
         &["proto"],
     )?;
     Ok(())

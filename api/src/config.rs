@@ -52,6 +52,19 @@ pub struct EndpointConfig {
     pub identity: String,
 }
 
+impl ProxyConfig {
+    /// The encoding carried in `ConfigPush.config_json`.
+    pub fn to_json(&self) -> Vec<u8> {
+        // A struct of strings, numbers and maps always serializes.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decodes a pushed config; the error names the field (`services.payment...`).
+    pub fn from_json(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
 pub fn default_namespace() -> String {
     "default".to_string()
 }

@@ -1,6 +1,6 @@
 //! `trellis-api` owns the contracts between sidecars and the control plane: the
-//! protobuf services (Identity now; Discovery with the control plane) and, later, the
-//! proxy configuration model both sides share.
+//! protobuf services (Identity, Discovery) and the proxy configuration model both
+//! sides share.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -21,3 +21,20 @@ pub mod identity {
         tonic::include_proto!("trellis.identity.v1");
     }
 }
+
+/// `trellis.discovery.v1`: config pushed to sidecars (ACK/NACK), stats reported back.
+pub mod discovery {
+    #[allow(
+        clippy::all,
+        clippy::pedantic,
+        unreachable_pub,
+        missing_debug_implementations
+    )]
+    pub mod v1 {
+        tonic::include_proto!("trellis.discovery.v1");
+    }
+}
+
+/// The largest gRPC message either side accepts. tonic's 4 MiB default is too small
+/// for the config of a proxy that may call thousands of endpoints.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
