@@ -112,6 +112,33 @@ impl Document {
         meta.name.as_deref().unwrap_or_default()
     }
 
+    /// The resource as JSON, `apiVersion` and `kind` included: what a store keeps.
+    pub fn to_json(&self) -> Result<Vec<u8>, serde_json::Error> {
+        match self {
+            Self::MeshConfig(r) => serde_json::to_vec(r),
+            Self::DestinationPolicy(r) => serde_json::to_vec(r),
+            Self::TrafficRoute(r) => serde_json::to_vec(r),
+            Self::AuthorizationPolicy(r) => serde_json::to_vec(r),
+            Self::Canary(r) => serde_json::to_vec(r),
+        }
+    }
+
+    /// Reads back what `to_json` wrote.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, DocumentError> {
+        let text = std::str::from_utf8(bytes).map_err(|e| DocumentError::Parse {
+            index: 0,
+            message: e.to_string(),
+        })?;
+        let mut documents = parse_documents(text)?;
+        match (documents.pop(), documents.is_empty()) {
+            (Some(document), true) => Ok(document),
+            _ => Err(DocumentError::Parse {
+                index: 0,
+                message: "expected exactly one resource".into(),
+            }),
+        }
+    }
+
     /// The namespace, `default` when unset; cluster-scoped kinds have none.
     pub fn namespace(&self) -> Option<&str> {
         let meta = match self {

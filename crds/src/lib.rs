@@ -35,6 +35,7 @@ pub use traffic_route::{
     Backend, Backoff, HeaderMatch, Mirror, Retries, RetryOn, RouteMatch, RouteRule, TrafficRoute,
     TrafficRouteSpec,
 };
+pub use validation::{FieldError, Invalid};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
