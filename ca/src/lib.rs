@@ -26,6 +26,6 @@ pub use credentials::Credentials;
 pub use spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
 pub use svid::{Svid, SvidError, WorkloadKey, spiffe_id_of};
 pub use tls::{
-    PeerIdError, SpiffeClientVerifier, SpiffeServerVerifier, client_config, crypto_provider,
-    peer_id, server_config,
+    ClientAuth, PeerIdError, SpiffeClientVerifier, SpiffeServerVerifier, client_config,
+    crypto_provider, peer_id, server_config, server_config_with,
 };

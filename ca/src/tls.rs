@@ -56,9 +56,31 @@ impl std::fmt::Debug for PeerIdError {
 /// A server config for the mesh: TLS 1.3, a client certificate required and checked
 /// against the bundle, the current SVID presented. ALPN is the caller's to set.
 pub fn server_config(creds: &Credentials) -> Result<ServerConfig, rustls::Error> {
+    server_config_with(creds, ClientAuth::Required)
+}
+
+/// Whether a server demands a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    /// Every client presents an SVID (the data path, Discovery).
+    Required,
+    /// A client may come without one, as a workload asking for its first certificate
+    /// does; one that presents a certificate is still verified.
+    Optional,
+}
+
+pub fn server_config_with(
+    creds: &Credentials,
+    client_auth: ClientAuth,
+) -> Result<ServerConfig, rustls::Error> {
+    let verifier = SpiffeClientVerifier {
+        creds: creds.clone(),
+        provider: crypto_provider(),
+        mandatory: client_auth == ClientAuth::Required,
+    };
     Ok(ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_client_cert_verifier(Arc::new(SpiffeClientVerifier::new(creds.clone())))
+        .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(creds.clone())))
 }
 
@@ -101,6 +123,7 @@ pub struct SpiffeServerVerifier {
 pub struct SpiffeClientVerifier {
     creds: Credentials,
     provider: Arc<CryptoProvider>,
+    mandatory: bool,
 }
 
 // === impl SpiffeServerVerifier ===
@@ -183,6 +206,7 @@ impl SpiffeClientVerifier {
         Self {
             creds,
             provider: crypto_provider(),
+            mandatory: true,
         }
     }
 }
@@ -193,7 +217,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.mandatory
     }
 
     fn verify_client_cert(

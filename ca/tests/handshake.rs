@@ -304,3 +304,31 @@ async fn a_bundle_with_the_new_root_admits_peers_of_both_roots() {
     assert_eq!(outcome.client, Ok(id(SERVER)));
     assert_eq!(outcome.server, Ok(id(CLIENT)));
 }
+
+#[tokio::test]
+async fn optional_client_auth_admits_a_newcomer_but_still_checks_a_certificate() {
+    let pki = TestPki::new("mesh");
+    let server = pki.creds(pki.svid(SERVER));
+    let optional = |creds: &Credentials| {
+        let config =
+            trellis_ca::server_config_with(creds, trellis_ca::ClientAuth::Optional).unwrap();
+        TlsAcceptor::from(Arc::new(config))
+    };
+
+    // No certificate yet: the handshake completes, and the server knows there is no id.
+    let (client_io, server_io) = tokio::io::duplex(16 * 1024);
+    let newcomer = connector(&pki.creds_without_svid(), Some(SERVER));
+    let (client, accepted) = tokio::join!(
+        connect(&newcomer, client_io),
+        optional(&server).accept(server_io)
+    );
+    let accepted = accepted.unwrap();
+    assert!(client.is_ok());
+    assert!(accepted.get_ref().1.peer_certificates().is_none());
+
+    // A certificate of another CA is still refused.
+    let other = TestPki::new("intruder");
+    let intruder = Credentials::with_svid(other.svid(CLIENT), pki.authority.trust_bundle().clone());
+    let outcome = exchange(connector(&intruder, Some(SERVER)), optional(&server)).await;
+    assert_refused(&outcome.server, "UnknownIssuer");
+}
