@@ -124,14 +124,7 @@ pub async fn fixed_rate(
         .await
         .map_err(|e| e.to_string())?;
     paced.map_err(|_| "the pacer panicked".to_string())??;
-    let mut merged = Sample::default();
-    for worker in workers {
-        let sample = worker.await.map_err(|e| e.to_string())?;
-        merged.latencies.extend(sample.latencies);
-        merged.errors += sample.errors;
-    }
-    merged.elapsed = start.elapsed();
-    Ok(merged)
+    merge(workers, start).await
 }
 
 /// As many requests as `connections` connections can carry for `duration`.
@@ -159,6 +152,14 @@ pub async fn max_throughput(
             sample
         }));
     }
+    merge(workers, start).await
+}
+
+/// Joins the workers' samples into one, timed from `start`.
+async fn merge(
+    workers: Vec<tokio::task::JoinHandle<Sample>>,
+    start: Instant,
+) -> Result<Sample, String> {
     let mut merged = Sample::default();
     for worker in workers {
         let sample = worker.await.map_err(|e| e.to_string())?;

@@ -7,11 +7,8 @@ mod pki;
 
 use std::{sync::Arc, time::Duration};
 
-use pki::{TestPki, id};
-use rustls::{
-    client::ResolvesClientCert, pki_types::ServerName, server::ResolvesServerCert,
-    sign::CertifiedKey,
-};
+use pki::{FixedCert, TestPki, id};
+use rustls::pki_types::ServerName;
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
@@ -25,24 +22,6 @@ const SERVER: &str = "spiffe://cluster.local/ns/shop/sa/payment";
 struct Outcome {
     client: Result<SpiffeId, String>,
     server: Result<SpiffeId, String>,
-}
-
-#[derive(Debug)]
-struct Fixed(Arc<CertifiedKey>);
-
-impl ResolvesClientCert for Fixed {
-    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
-    }
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
-impl ResolvesServerCert for Fixed {
-    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
-    }
 }
 
 fn connector(creds: &Credentials, expected: Option<&str>) -> TlsConnector {
@@ -160,7 +139,7 @@ async fn server_verdict_on_forged_client(uris: &[&str], not_after: OffsetDateTim
     let now = OffsetDateTime::now_utc();
     let forged = pki.forged(uris, now - time::Duration::days(2), not_after);
     let mut config = client_config(&pki.creds_without_svid(), Some(id(SERVER))).unwrap();
-    config.client_auth_cert_resolver = Arc::new(Fixed(Arc::new(forged)));
+    config.client_auth_cert_resolver = Arc::new(FixedCert(Arc::new(forged)));
     exchange(TlsConnector::from(Arc::new(config)), acceptor(&server)).await
 }
 
@@ -219,7 +198,7 @@ async fn expired_server_certificate_is_refused() {
         now - time::Duration::days(1),
     );
     let mut config = server_config(&pki.creds_without_svid()).unwrap();
-    config.cert_resolver = Arc::new(Fixed(Arc::new(forged)));
+    config.cert_resolver = Arc::new(FixedCert(Arc::new(forged)));
     let outcome = exchange(
         connector(&client, Some(SERVER)),
         TlsAcceptor::from(Arc::new(config)),

@@ -175,6 +175,25 @@ where
     Ok(response.map(Either::Left))
 }
 
+/// The request's URI pointed at `authority`, keeping its path and query.
+pub fn retarget(uri: &http::Uri, authority: &str) -> Result<http::Uri, http::Error> {
+    let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    http::Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(path)
+        .build()
+}
+
+/// The mesh's answer to a request whose target does not form a URI.
+pub fn bad_target(error: &http::Error) -> Response<ProxyBody> {
+    mesh_error(
+        StatusCode::BAD_REQUEST,
+        "bad-request",
+        format!("request target: {error}"),
+    )
+}
+
 /// The host part of an authority (`payment:8080` -> `payment`).
 pub fn host_of(authority: &str) -> &str {
     match authority.rsplit_once(':') {

@@ -8,7 +8,6 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 use http::{Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
-use rustls::{client::ResolvesClientCert, sign::CertifiedKey};
 use rustls_pki_types::ServerName;
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -18,21 +17,9 @@ use trellis_ca::{Credentials, client_config};
 use trellis_tests::{
     apps,
     mesh::{Mesh, Sidecar, SidecarSpec, http1_client, metric_value, scrape, workload_id},
-    pki::TestPki,
+    pki::{FixedCert, TestPki},
     within,
 };
-
-#[derive(Debug)]
-struct Fixed(Arc<CertifiedKey>);
-
-impl ResolvesClientCert for Fixed {
-    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
-    }
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
 
 /// Dials the inbound over TLS with `config`, sends an HTTP/2 preface and reads: a
 /// refused client sees the connection fail instead of an answer.
@@ -113,7 +100,7 @@ async fn inbound_refuses_an_id_outside_the_trust_domain() {
         now + time::Duration::hours(1),
     );
     let mut config = client_config(&mesh.pki.creds_without_svid(), None).unwrap();
-    config.client_auth_cert_resolver = Arc::new(Fixed(Arc::new(forged)));
+    config.client_auth_cert_resolver = Arc::new(FixedCert(Arc::new(forged)));
     let result = within("foreign id", tls_exchange(&b, config)).await;
     assert!(result.is_err(), "a foreign identity was answered");
     assert_eq!(tls_errors(&b, "invalid_identity").await, 1.0);

@@ -15,6 +15,32 @@ use trellis_ca::{
     Authority, AuthorityConfig, Credentials, OperatorCa, SpiffeId, Svid, TrustDomain, WorkloadKey,
 };
 
+/// A rustls resolver that always presents one (possibly forged) certificate.
+#[derive(Debug)]
+pub struct FixedCert(pub std::sync::Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for FixedCert {
+    fn resolve(
+        &self,
+        _: &[&[u8]],
+        _: &[rustls::SignatureScheme],
+    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl rustls::server::ResolvesServerCert for FixedCert {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<std::sync::Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
 pub struct TestPki {
     pub authority: Authority,
     intermediate: CertifiedIssuer<'static, KeyPair>,

@@ -30,8 +30,9 @@ use trellis_ca::{Credentials, SpiffeId};
 use crate::{
     args::AppKind,
     http::{
-        APP_PROTOCOL, AppProtocol, PEER_ID, ProxyBody, authority_of, forward_upgrade, is_upgrade,
-        mesh_error, serve_connection, strip_hop_by_hop, strip_hop_by_hop_keeping_upgrade,
+        APP_PROTOCOL, AppProtocol, PEER_ID, ProxyBody, authority_of, bad_target, forward_upgrade,
+        is_upgrade, mesh_error, retarget, serve_connection, strip_hop_by_hop,
+        strip_hop_by_hop_keeping_upgrade,
     },
     outbound::{
         connect::{ALPN_H2, ALPN_HTTP1, ALPN_TCP},
@@ -242,18 +243,9 @@ impl Inbound {
         // `Connection` and so have its verified id removed.
         strip_hop_by_hop(&mut parts.headers);
         caller.stamp(&mut parts.headers);
-        let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        parts.uri = match Uri::builder()
-            .scheme("http")
-            .authority(authority)
-            .path_and_query(path)
-            .build()
-        {
+        parts.uri = match retarget(&parts.uri, authority) {
             Ok(uri) => uri,
-            Err(e) => {
-                let message = format!("request target: {e}");
-                return mesh_error(StatusCode::BAD_REQUEST, "bad-request", message);
-            }
+            Err(e) => return bad_target(&e),
         };
         let client = match protocol {
             AppProtocol::Http1 => {

@@ -9,15 +9,16 @@ pub mod destinations;
 use std::{future::Future, pin::Pin, sync::Arc, time::Instant};
 
 use arc_swap::ArcSwap;
-use http::{Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
 
 use crate::{
     http::{
-        APP_PROTOCOL, AppProtocol, PEER_ID, ProxyBody, authority_of, error_chain, forward_upgrade,
-        host_of, is_upgrade, mesh_error, strip_hop_by_hop, strip_hop_by_hop_keeping_upgrade,
+        APP_PROTOCOL, AppProtocol, PEER_ID, ProxyBody, authority_of, bad_target, error_chain,
+        forward_upgrade, host_of, is_upgrade, mesh_error, retarget, strip_hop_by_hop,
+        strip_hop_by_hop_keeping_upgrade,
     },
     telemetry::{self, Direction},
 };
@@ -117,21 +118,9 @@ impl Outbound {
         // app's Host; a different Host (absolute form) must not override it.
         parts.headers.remove(http::header::HOST);
         parts.headers.insert(APP_PROTOCOL, protocol.header_value());
-        let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-        parts.uri = match Uri::builder()
-            .scheme("http")
-            .authority(authority)
-            .path_and_query(path)
-            .build()
-        {
+        parts.uri = match retarget(&parts.uri, authority) {
             Ok(uri) => uri,
-            Err(e) => {
-                let message = format!("request target: {e}");
-                return (
-                    mesh_error(StatusCode::BAD_REQUEST, "bad-request", message),
-                    peer_id,
-                );
-            }
+            Err(e) => return (bad_target(&e), peer_id),
         };
         parts.version = http::Version::HTTP_2;
 
