@@ -25,6 +25,18 @@ fn pair(mesh: &Mesh, app_b: SocketAddr) -> (Sidecar, Sidecar) {
     (a, b)
 }
 
+/// One HTTP/1.1 connection, as a raw client holds it (and able to upgrade).
+async fn http1_connection(
+    addr: SocketAddr,
+) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    sender
+}
+
 fn header<'a>(response: &'a http::Response<hyper::body::Incoming>, name: &str) -> &'a str {
     response
         .headers()
@@ -94,11 +106,7 @@ async fn absolute_form_requests_are_routed_by_their_authority() {
     let (app_b, _) = apps::http_app("b", Duration::ZERO).await;
     let (a, _b) = pair(&mesh, app_b);
     // As an app configured with HTTP_PROXY sends it: the full URI in the request line.
-    let tcp = tokio::net::TcpStream::connect(a.outbound).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut sender = http1_connection(a.outbound).await;
     let request = Request::get("http://b.default/status/204")
         .header(header::HOST, "ignored-when-absolute")
         .body(Full::<Bytes>::default())
@@ -341,11 +349,7 @@ async fn an_upgrade_passes_through_two_sidecars() {
     let mesh = Mesh::new();
     let (app_b, _) = apps::http_app("b", Duration::ZERO).await;
     let (a, _b) = pair(&mesh, app_b);
-    let tcp = tokio::net::TcpStream::connect(a.outbound).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn.with_upgrades());
+    let mut sender = http1_connection(a.outbound).await;
     let request = Request::get("/socket")
         .header(header::HOST, "b")
         .header(header::CONNECTION, "upgrade")
