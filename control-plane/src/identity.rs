@@ -3,7 +3,7 @@
 
 use std::{
     sync::Arc,
-    time::{Duration, SystemTime},
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use tonic::{Request, Response, Status};
@@ -44,14 +44,14 @@ impl Identity for IdentityService {
             requested_id,
             ttl_seconds,
         } = request.into_inner();
-        let expected = match credential.and_then(|c| c.kind) {
+        let now = SystemTime::now();
+        let (expected, credential_expiry) = match credential.and_then(|c| c.kind) {
             Some(Kind::JoinToken(token)) => {
-                let now = SystemTime::now();
                 match self
                     .tokens
                     .verify(&token, self.authority.trust_domain(), now)
                 {
-                    Ok((_, id)) => id,
+                    Ok((claims, id)) => (id, UNIX_EPOCH + Duration::from_secs(claims.exp)),
                     Err(e) => {
                         tracing::info!(error = %e, requested_id, "Certify refused");
                         return Err(Status::permission_denied(e.to_string()));
@@ -75,10 +75,14 @@ impl Identity for IdentityService {
             tracing::info!(%message, "Certify refused");
             return Err(Status::permission_denied(message));
         }
+        // A certificate never outlives the credential that bought it, and the default
+        // never exceeds what the CA signs.
+        let until_expiry = credential_expiry.duration_since(now).unwrap_or_default();
         let ttl = match ttl_seconds {
-            0 => self.default_ttl,
+            0 => self.default_ttl.min(self.authority.max_leaf_ttl()),
             secs => Duration::from_secs(secs),
-        };
+        }
+        .min(until_expiry);
         let issued = self
             .authority
             .sign_csr(&csr, &expected, ttl)

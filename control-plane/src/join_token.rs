@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 use trellis_ca::{SpiffeId, SpiffeIdError, TrustDomain};
 
 const PREFIX: &str = "trellis-jt1";
+/// The control plane's own identities live here; a token for them would let its holder
+/// impersonate the control plane to every sidecar.
+pub const RESERVED_NAMESPACE: &str = "trellis-system";
 /// The longest lifetime a token may be minted with.
 pub const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -29,6 +32,10 @@ pub enum TokenError {
     Expired { expired_at_unix: u64 },
     #[error("the join token names an invalid identity: {0}")]
     Identity(#[from] SpiffeIdError),
+    #[error(
+        "namespace {RESERVED_NAMESPACE:?} belongs to the control plane; no join token can name it"
+    )]
+    Reserved,
     #[error("a token's ttl must be between 1 second and {MAX_TTL:?}")]
     Ttl,
     #[error("the system random source failed")]
@@ -77,6 +84,9 @@ impl JoinTokens {
     ) -> Result<String, TokenError> {
         if ttl.is_zero() || ttl > MAX_TTL {
             return Err(TokenError::Ttl);
+        }
+        if namespace == RESERVED_NAMESPACE {
+            return Err(TokenError::Reserved);
         }
         // Refuse to mint a token for an id that could never be certified.
         SpiffeId::workload(trust_domain, namespace, service)?;
@@ -128,6 +138,9 @@ impl JoinTokens {
             return Err(TokenError::Expired {
                 expired_at_unix: claims.exp,
             });
+        }
+        if claims.ns == RESERVED_NAMESPACE {
+            return Err(TokenError::Reserved);
         }
         let id = SpiffeId::workload(trust_domain, &claims.ns, &claims.svc)?;
         Ok((claims, id))
@@ -227,6 +240,10 @@ mod tests {
         assert_eq!(
             tokens.mint(&td(), "shop", "payment", MAX_TTL * 2, now),
             Err(TokenError::Ttl)
+        );
+        assert_eq!(
+            tokens.mint(&td(), "trellis-system", "trellis-control-plane", HOUR, now),
+            Err(TokenError::Reserved)
         );
         assert!(format!("{tokens:?}").contains("redacted"));
     }

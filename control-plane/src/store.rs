@@ -4,13 +4,14 @@
 //! and written whole, or refused whole; a restart loses nothing committed.
 
 use std::{
+    collections::BTreeMap,
     os::unix::fs::{OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use ring::rand::SecureRandom;
-use trellis_crds::{DestinationPolicy, Document, Invalid, validate_batch};
+use trellis_crds::{Document, Invalid, validate_batch};
 
 const RESOURCES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("resources");
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
@@ -109,16 +110,23 @@ impl Store {
             let path = path.to_path_buf();
             move |source| StoreError::Io { path, source }
         };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+        if !dir.exists() {
+            std::fs::create_dir_all(dir).map_err(io(dir))?;
+            // Only a folder made here is narrowed; an operator's existing one is theirs.
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(io(dir))?;
+        }
         let path = dir.join(FILE);
-        // Create it 0600 before redb does, so it is never readable by others.
+        // Created 0600 before redb touches it, and narrowed if it already existed
+        // (a restored backup): it holds the join-token key.
         std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
             .open(&path)
+            .map_err(io(&path))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(io(&path))?;
         let db = db!(Database::create(&path))?;
         let txn = db!(db.begin_write())?;
@@ -135,14 +143,17 @@ impl Store {
         let txn = db!(self.db.begin_write())?;
         let applied = {
             let mut resources = db!(txn.open_table(RESOURCES))?;
-            let known: Vec<DestinationPolicy> = decode_all(&resources)?
+            // Validate the state the batch would leave, not the batch alone: a policy
+            // update that drops a subset a stored route uses must be refused too.
+            let mut after: BTreeMap<ResourceKey, Document> = decode_all(&resources)?
                 .into_iter()
-                .filter_map(|d| match d {
-                    Document::DestinationPolicy(p) => Some(p),
-                    _ => None,
-                })
+                .map(|d| (ResourceKey::of(&d), d))
                 .collect();
-            validate_batch(documents, &known).map_err(StoreError::Invalid)?;
+            for document in documents {
+                after.insert(ResourceKey::of(document), document.clone());
+            }
+            let after: Vec<Document> = after.into_values().collect();
+            validate_batch(&after, &[]).map_err(StoreError::Invalid)?;
             let mut changes = Vec::with_capacity(documents.len());
             for document in documents {
                 let key = ResourceKey::of(document);
@@ -194,11 +205,17 @@ impl Store {
             .collect())
     }
 
-    /// Removes a resource; `false` when there was none.
+    /// Removes a resource; `false` when there was none. Refused when what remains
+    /// would be invalid (a DestinationPolicy whose subsets a route still uses).
     pub fn delete(&self, key: &ResourceKey) -> Result<bool, StoreError> {
         let txn = db!(self.db.begin_write())?;
         let removed = {
             let mut resources = db!(txn.open_table(RESOURCES))?;
+            let remaining: Vec<Document> = decode_all(&resources)?
+                .into_iter()
+                .filter(|d| ResourceKey::of(d) != *key)
+                .collect();
+            validate_batch(&remaining, &[]).map_err(StoreError::Invalid)?;
             let removed = db!(resources.remove(key.encode().as_str()))?.is_some();
             if removed {
                 let mut meta = db!(txn.open_table(META))?;

@@ -172,6 +172,33 @@ async fn a_join_token_gets_its_own_identity_and_nothing_else() {
 }
 
 #[tokio::test]
+async fn a_certificate_never_outlives_its_join_token() {
+    let cp = control_plane().await;
+    let mut client = client(&cp, CONTROL_PLANE).await.unwrap();
+    let half_hour = Duration::from_secs(1800);
+    let token = cp
+        .tokens
+        .mint(&td(), "shop", "payment", half_hour, SystemTime::now())
+        .unwrap();
+    let key = WorkloadKey::generate().unwrap();
+    let response = client
+        .certify(request(Some(token), PAYMENT, PAYMENT, &key))
+        .await
+        .unwrap()
+        .into_inner();
+    let valid_for = response.valid_until_unix
+        - SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+    assert!(
+        valid_for <= 1800,
+        "the certificate outlives the token by {}s",
+        valid_for - 1800
+    );
+}
+
+#[tokio::test]
 async fn expired_forged_and_missing_credentials_are_refused() {
     let cp = control_plane().await;
     let mut client = client(&cp, CONTROL_PLANE).await.unwrap();

@@ -151,3 +151,41 @@ fn secrets_are_made_once_and_kept() {
         .unwrap();
     assert_ne!(first, other);
 }
+
+#[test]
+fn a_policy_change_that_strands_a_stored_route_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store
+        .apply(&docs(&format!("{POLICY}---{}", route(10))))
+        .unwrap();
+
+    // Dropping subset v2, which the stored route still sends 10% to.
+    let without_v2 = POLICY.replace(", {name: v2, labels: {version: v2}}", "");
+    let err = store.apply(&docs(&without_v2)).unwrap_err();
+    assert!(err.to_string().contains("no subset \"v2\""), "{err}");
+
+    // Deleting the policy the route depends on.
+    let err = store
+        .delete(&key("DestinationPolicy", "payment"))
+        .unwrap_err();
+    assert!(err.to_string().contains("no subset"), "{err}");
+    assert_eq!(store.revision().unwrap(), 1, "nothing changed");
+
+    // Once the route no longer uses v2, the policy may drop it.
+    let v1_only = route(0).replace(", {subset: v2, weight: 0}", "");
+    store
+        .apply(&docs(&format!("{without_v2}---{v1_only}")))
+        .unwrap();
+}
+
+#[test]
+fn an_existing_store_file_is_made_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trellis.redb");
+    std::fs::write(&path, b"").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    Store::open(dir.path()).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}

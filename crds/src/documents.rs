@@ -153,8 +153,10 @@ impl Document {
 }
 
 /// Validates every document; routes and canaries are checked against the
-/// DestinationPolicy of their service in the same namespace, from `known` (already
-/// applied) or the batch itself (which wins).
+/// DestinationPolicy of their service in the same namespace, from the batch or from
+/// `known`. To check a change to stored state, pass the whole state after the change
+/// as `documents` (a store does), so a policy update that drops a subset a stored route
+/// uses is refused too.
 pub fn validate_batch(
     documents: &[Document],
     known: &[DestinationPolicy],
@@ -178,22 +180,54 @@ pub fn validate_batch(
             .map(|p| &p.spec)
     };
     let mut problems = Vec::new();
+    // One DestinationPolicy per service: two would make which one applies depend on order.
+    let mut seen = std::collections::BTreeMap::new();
+    for policy in &policies {
+        let namespace = policy.metadata.namespace.as_deref().unwrap_or("default");
+        let name = policy.metadata.name.as_deref().unwrap_or_default();
+        if let Some(other) = seen.insert((namespace, policy.spec.service.as_str()), name)
+            && other != name
+        {
+            problems.push(Invalid {
+                kind: "DestinationPolicy",
+                name: name.to_string(),
+                errors: vec![crate::validation::FieldError {
+                    path: "spec.service".into(),
+                    message: format!(
+                        "service {:?} in namespace {namespace:?} already has DestinationPolicy {other:?}",
+                        policy.spec.service
+                    ),
+                }],
+            });
+        }
+    }
     for document in documents {
         let name = document.name();
         let name_problem = if name.is_empty() {
-            Some("metadata.name is required")
-        } else if !crate::validation::is_dns_label(name) && name.len() > 253 {
-            Some("metadata.name is too long")
+            Some(("metadata.name", "is required".to_string()))
+        } else if !crate::validation::is_dns_subdomain(name) {
+            Some((
+                "metadata.name",
+                format!(
+                    "{name:?} is not a DNS-1123 subdomain (lowercase letters, digits, '-' and '.')"
+                ),
+            ))
         } else {
-            None
+            match document.namespace() {
+                Some(ns) if !crate::validation::is_dns_label(ns) => Some((
+                    "metadata.namespace",
+                    format!("{ns:?} is not a DNS-1123 label"),
+                )),
+                _ => None,
+            }
         };
         let result = match name_problem {
-            Some(message) => Err(Invalid {
+            Some((path, message)) => Err(Invalid {
                 kind: document.kind(),
                 name: name.to_string(),
                 errors: vec![crate::validation::FieldError {
-                    path: "metadata.name".into(),
-                    message: message.into(),
+                    path: path.into(),
+                    message,
                 }],
             }),
             None => match document {

@@ -84,10 +84,9 @@ impl MeshConfigSpec {
         if name != "default" {
             check.fail("metadata.name", "the MeshConfig must be named \"default\"");
         }
-        if let Err(e) = trellis_api::duration::parse(&self.cert_ttl) {
-            check.fail("spec.certTTL", e.to_string());
-        }
+        check.duration("spec.certTTL", &self.cert_ttl);
         if self.trust_domain.is_empty()
+            || self.trust_domain.len() > 255
             || !self
                 .trust_domain
                 .bytes()

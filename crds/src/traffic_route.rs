@@ -161,10 +161,9 @@ impl RetryOn {
         matches!(
             self.0.as_str(),
             "5xx" | "gateway-error" | "connect-failure" | "reset"
-        ) || self
-            .0
-            .parse::<u16>()
-            .is_ok_and(|code| (100..=599).contains(&code))
+        ) || (self.0.len() == 3
+            && self.0.bytes().all(|b| b.is_ascii_digit())
+            && (b'1'..=b'5').contains(&self.0.as_bytes()[0]))
     }
 }
 
@@ -178,12 +177,45 @@ impl TrafficRouteSpec {
     ) -> Result<(), Invalid> {
         let mut check = Checker::default();
         check.name("spec.service", &self.service);
+        let mut names = std::collections::BTreeSet::new();
+        for (r, rule) in self.rules.iter().enumerate() {
+            if let Some(rule_name) = rule.name.as_deref()
+                && !names.insert(rule_name)
+            {
+                check.fail(
+                    format!("spec.rules[{r}].name"),
+                    format!("{rule_name:?} is used twice"),
+                );
+            }
+        }
         if self.rules.is_empty() {
             check.fail("spec.rules", "must hold at least one rule");
         }
         for (r, rule) in self.rules.iter().enumerate() {
             let at = format!("spec.rules[{r}]");
+            if let Some(rule_name) = &rule.name
+                && !crate::validation::is_dns_label(rule_name)
+            {
+                check.fail(
+                    format!("{at}.name"),
+                    format!("{rule_name:?} is not a DNS-1123 label"),
+                );
+            }
             if let Some(m) = &rule.matches {
+                for (field, path) in [("pathPrefix", &m.path_prefix), ("pathExact", &m.path_exact)]
+                {
+                    if path.as_deref().is_some_and(|p| !p.starts_with('/')) {
+                        check.fail(format!("{at}.match.{field}"), "must start with '/'");
+                    }
+                }
+                if let Some(method) = &m.method
+                    && (method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()))
+                {
+                    check.fail(
+                        format!("{at}.match.method"),
+                        format!("{method:?} is not an upper-case HTTP method"),
+                    );
+                }
                 let paths = [&m.path_prefix, &m.path_exact, &m.path_regex];
                 if paths.iter().filter(|p| p.is_some()).count() > 1 {
                     check.fail(

@@ -43,9 +43,14 @@ impl Checker {
         });
     }
 
+    /// A duration that must be longer than zero: every duration in these resources
+    /// is a timeout, an interval or a lifetime, and zero of any of them breaks traffic.
     pub fn duration(&mut self, path: &str, value: &str) {
-        if let Err(e) = trellis_api::duration::parse(value) {
-            self.fail(path, e.to_string());
+        match trellis_api::duration::parse(value) {
+            Err(e) => self.fail(path, e.to_string()),
+            Ok(d) if d.is_zero() => self.fail(path, "must be longer than zero"),
+            Ok(_) if value.trim() != value => self.fail(path, "must not have spaces around it"),
+            Ok(_) => {}
         }
     }
 
@@ -111,6 +116,11 @@ impl Checker {
             })
         }
     }
+}
+
+/// A DNS-1123 subdomain: what Kubernetes allows as an object name.
+pub fn is_dns_subdomain(value: &str) -> bool {
+    value.len() <= 253 && value.split('.').all(is_dns_label)
 }
 
 pub fn is_dns_label(value: &str) -> bool {

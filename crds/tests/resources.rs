@@ -242,3 +242,60 @@ fn malformed_documents_are_refused_with_their_index() {
     let e = parse_documents("key: [unclosed").unwrap_err();
     assert!(e.to_string().starts_with("document 0:"), "{e}");
 }
+
+#[test]
+fn names_namespaces_zero_durations_and_duplicate_policies_are_refused() {
+    let found = problems(
+        r#"
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficRoute
+metadata: {name: Payment Route}
+spec: {service: payment, rules: [{backends: [{service: payment}]}]}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficRoute
+metadata: {name: r, namespace: Shop}
+spec: {service: payment, rules: [{backends: [{service: payment}]}]}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficRoute
+metadata: {name: zero}
+spec:
+  service: payment
+  rules:
+    - name: a
+      match: {pathPrefix: pay, method: get}
+      backends: [{service: payment}]
+      timeout: 0s
+      retries: {attempts: 2, perTryTimeout: 0ms, on: ["+503"]}
+    - name: a
+      backends: [{service: payment}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: DestinationPolicy
+metadata: {name: one}
+spec: {service: payment}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: DestinationPolicy
+metadata: {name: two}
+spec: {service: payment}
+"#,
+    );
+    for want in [
+        "metadata.name: \"Payment Route\" is not a DNS-1123 subdomain",
+        "metadata.namespace: \"Shop\" is not a DNS-1123 label",
+        "spec.rules[0].timeout: must be longer than zero",
+        "spec.rules[0].retries.perTryTimeout: must be longer than zero",
+        "spec.rules[0].retries.on[0]: \"+503\" is not",
+        "spec.rules[0].match.pathPrefix: must start with '/'",
+        "spec.rules[0].match.method: \"get\" is not an upper-case HTTP method",
+        "spec.rules[1].name: \"a\" is used twice",
+        "spec.service: service \"payment\" in namespace \"default\" already has DestinationPolicy",
+    ] {
+        assert!(
+            found.iter().any(|p| p.starts_with(want)),
+            "missing {want:?} in {found:#?}"
+        );
+    }
+}
