@@ -60,6 +60,11 @@ pub struct Args {
     #[arg(long, env = "TRELLIS_DRAIN_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub drain_timeout: Duration,
 
+    /// How long a client connection may stay silent: before its first request and
+    /// between requests on a kept-alive HTTP/1 connection.
+    #[arg(long, env = "TRELLIS_IDLE_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub idle_timeout: Duration,
+
     /// How long the inbound listener waits for a client's first bytes to tell TLS,
     /// HTTP and opaque TCP apart (PERMISSIVE mode); silent clients are treated as TCP.
     #[arg(long, env = "TRELLIS_DETECT_TIMEOUT", default_value = "1s", value_parser = duration)]

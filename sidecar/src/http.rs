@@ -214,13 +214,25 @@ pub fn authority_of<B>(req: &Request<B>) -> Option<&str> {
 /// Serves HTTP/1.1 and HTTP/2 (by the connection's preface) on one accepted
 /// connection until it ends; when `drain` fires, stops taking new requests, lets the
 /// ones in flight finish, and closes.
-pub async fn serve_connection<I, S>(io: I, service: S, drain: tokio_util::sync::CancellationToken)
-where
+pub async fn serve_connection<I, S>(
+    io: I,
+    service: S,
+    drain: tokio_util::sync::CancellationToken,
+    idle: std::time::Duration,
+) where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    // hyper reads a new connection's first bytes (to tell HTTP/1 from HTTP/2) with no
+    // timeout of its own: a client that connects and says nothing would hold the
+    // connection until the process ends.
+    let io = match crate::inbound::detect::first_bytes(io, idle).await {
+        Ok(Some(io)) => io,
+        Ok(None) => return tracing::debug!(?idle, "connection closed: nothing sent"),
+        Err(error) => return tracing::debug!(%error, "connection lost before its first request"),
+    };
     let mut builder =
         hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
     builder
@@ -229,7 +241,7 @@ where
         // A connection with no complete header block in this time is closed. hyper also
         // runs it while a keep-alive connection is idle, so it doubles as the idle timeout
         // for the app's pooled connections: long enough that pools rarely race it.
-        .header_read_timeout(std::time::Duration::from_secs(60))
+        .header_read_timeout(idle)
         .keep_alive(true);
     builder
         .http2()

@@ -69,6 +69,7 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
         log: _,
         workers: _,
         drain_timeout,
+        idle_timeout,
         detect_timeout,
     } = args;
     let static_config = StaticConfig::load(&config)?;
@@ -106,6 +107,7 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
         app_addr,
         app_protocol,
         detect_timeout,
+        idle_timeout,
         destinations.clone(),
         &creds,
     )?);
@@ -141,7 +143,7 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
             tracker.clone(),
             move |tcp, drain| {
                 let _ = tcp.set_nodelay(true);
-                serve_connection(tcp, service.clone(), drain)
+                serve_connection(tcp, service.clone(), drain, idle_timeout)
             },
         ));
     }

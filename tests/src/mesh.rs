@@ -41,6 +41,7 @@ pub struct SidecarSpec {
     pub drain_timeout: &'static str,
     /// `--app-protocol`: `http` or `tcp`.
     pub app_protocol: &'static str,
+    pub idle_timeout: &'static str,
 }
 
 impl SidecarSpec {
@@ -53,6 +54,7 @@ impl SidecarSpec {
             tcp_outbound: Vec::new(),
             drain_timeout: "30s",
             app_protocol: "http",
+            idle_timeout: "60s",
         }
     }
 
@@ -190,6 +192,7 @@ impl Sidecar {
             .args(["--outbound-addr", "127.0.0.1:0"])
             .args(["--admin-addr", "127.0.0.1:0"])
             .args(["--drain-timeout", spec.drain_timeout])
+            .args(["--idle-timeout", spec.idle_timeout])
             .args(["--detect-timeout", "200ms"])
             .arg("--config")
             .arg(config)

@@ -121,6 +121,31 @@ async fn absolute_form_requests_are_routed_by_their_authority() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_closed_after_the_idle_timeout() {
+    let mesh = Mesh::new();
+    let mut spec = SidecarSpec::new("a", "127.0.0.1:9".parse().unwrap());
+    spec.idle_timeout = "300ms";
+    let a = mesh.sidecar(spec);
+    let mut silent = tokio::net::TcpStream::connect(a.outbound).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = within("the silent connection to close", silent.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "expected the proxy to close it, read {read:?}"
+    );
+
+    // A connection that speaks in time is served.
+    let request = Request::get(format!("http://{}/", a.outbound))
+        .header(header::HOST, "nowhere")
+        .body(Full::default())
+        .unwrap();
+    let response = within("a prompt request", http1_client().request(request))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_services_and_empty_services_get_the_mesh_503() {
     let mesh = Mesh::new();
     let a =

@@ -64,6 +64,24 @@ where
     ))
 }
 
+/// Waits up to `timeout` for the first bytes of a connection; `None` when the peer
+/// stays silent or closes. What was read is replayed.
+pub async fn first_bytes<T>(mut io: T, timeout: Duration) -> io::Result<Option<Prefixed<T>>>
+where
+    T: AsyncRead + Unpin,
+{
+    let mut chunk = [0u8; PEEK];
+    match tokio::time::timeout(timeout, io.read(&mut chunk)).await {
+        Ok(Ok(0)) | Err(_) => Ok(None),
+        Ok(Ok(n)) => Ok(Some(Prefixed {
+            prefix: chunk[..n].to_vec(),
+            offset: 0,
+            io,
+        })),
+        Ok(Err(e)) => Err(e),
+    }
+}
+
 /// The protocol `bytes` show, or `None` while they could still be more than one.
 fn classify(bytes: &[u8]) -> Option<Protocol> {
     let first = *bytes.first()?;

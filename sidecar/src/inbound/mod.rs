@@ -53,6 +53,7 @@ pub struct Inbound {
     app_addr: SocketAddr,
     app_kind: AppKind,
     detect_timeout: Duration,
+    idle_timeout: Duration,
     destinations: Arc<ArcSwap<Destinations>>,
     tls: TlsAcceptor,
     app_h1: Client<AppConnector, Incoming>,
@@ -74,6 +75,7 @@ impl Inbound {
         app_addr: SocketAddr,
         app_kind: AppKind,
         detect_timeout: Duration,
+        idle_timeout: Duration,
         destinations: Arc<ArcSwap<Destinations>>,
         creds: &Credentials,
     ) -> Result<Self, rustls::Error> {
@@ -92,6 +94,7 @@ impl Inbound {
             app_addr,
             app_kind,
             detect_timeout,
+            idle_timeout,
             destinations,
             tls: TlsAcceptor::from(Arc::new(tls)),
             app_h1: client(false),
@@ -133,7 +136,7 @@ impl Inbound {
                     self.forward_tcp(tls, Some(&peer)).await;
                 } else {
                     let service = InboundService::new(self.clone(), Some(peer));
-                    serve_connection(tls, service, drain).await;
+                    serve_connection(tls, service, drain, self.idle_timeout).await;
                 }
             }
             (_, MtlsMode::Strict) => {
@@ -142,7 +145,7 @@ impl Inbound {
             }
             (Protocol::Http1 | Protocol::Http2, MtlsMode::Permissive) => {
                 let service = InboundService::new(self.clone(), None);
-                serve_connection(io, service, drain).await;
+                serve_connection(io, service, drain, self.idle_timeout).await;
             }
             (Protocol::Opaque, MtlsMode::Permissive) => self.forward_tcp(io, None).await,
         }
