@@ -20,6 +20,9 @@ pub struct ProxyConfig {
     /// Destinations the local app may call, by service name.
     #[serde(default)]
     pub services: BTreeMap<String, ServiceConfig>,
+    /// Who may call the local app.
+    #[serde(default)]
+    pub inbound: InboundConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -41,6 +44,121 @@ pub struct ServiceConfig {
     pub namespace: String,
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
+    /// Named groups of endpoints, by label selector (DestinationPolicy `subsets`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub subsets: BTreeMap<String, BTreeMap<String, String>>,
+    /// TrafficRoute rules, first match wins; a request no rule matches goes to all
+    /// endpoints of the service.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// One TrafficRoute rule, as the sidecar runs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The rule's name, or its index; a metrics label.
+    pub name: String,
+    #[serde(default)]
+    pub matches: RouteMatchConfig,
+    /// Where matching requests go, by weight; empty means the whole service.
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+    /// The whole request's deadline, e.g. `2s`; past it the client gets a 504.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+}
+
+/// Every condition given must hold; an empty match matches everything.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteMatchConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_regex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HeaderMatchConfig>,
+}
+
+/// Exactly one of `exact`, `prefix`, `regex`; none means "present".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HeaderMatchConfig {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+}
+
+/// A subset of the route's service, or another service of this config (by its key in
+/// `services`); the share of traffic is `weight` over the rule's total.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackendConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    pub weight: u32,
+}
+
+/// Inbound authorization: which callers the local app accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InboundConfig {
+    /// What happens to a caller no rule allows.
+    #[serde(default)]
+    pub default: AuthorizationDefault,
+    /// Allow rules (AuthorizationPolicy); a request any rule matches is allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<AllowConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AuthorizationDefault {
+    /// No AuthorizationPolicy for this service and MeshConfig says allow.
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// One allow rule: a caller matching any `from` doing any `to`. An empty list matches all.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AllowConfig {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<SourceConfig>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<OperationConfig>,
+}
+
+/// A caller: an exact SPIFFE id, or any identity of a namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SourceConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+/// Methods and paths (a trailing `*` matches a prefix, otherwise exact); empty: any.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OperationConfig {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
 }
 
 /// One instance of a destination: its sidecar's inbound address and the SPIFFE id
@@ -50,6 +168,9 @@ pub struct ServiceConfig {
 pub struct EndpointConfig {
     pub address: SocketAddr,
     pub identity: String,
+    /// The instance's labels (e.g. `version: v2`); subsets select on them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 impl ProxyConfig {
@@ -67,4 +188,15 @@ impl ProxyConfig {
 
 pub fn default_namespace() -> String {
     "default".to_string()
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            namespace: default_namespace(),
+            endpoints: Vec::new(),
+            subsets: BTreeMap::new(),
+            routes: Vec::new(),
+        }
+    }
 }

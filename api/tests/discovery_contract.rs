@@ -76,6 +76,7 @@ fn config(version: &str, n: usize) -> ProxyConfig {
             identity: format!(
                 "spiffe://cluster.local/ns/shop/sa/payment-instance-{i:08}-with-a-long-name"
             ),
+            labels: Default::default(),
         })
         .collect();
     let mut config = ProxyConfig {
@@ -87,6 +88,7 @@ fn config(version: &str, n: usize) -> ProxyConfig {
         ServiceConfig {
             namespace: "shop".into(),
             endpoints,
+            ..ServiceConfig::default()
         },
     );
     config

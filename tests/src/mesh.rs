@@ -158,6 +158,7 @@ impl Mesh {
                         ServiceConfig {
                             namespace: "default".into(),
                             endpoints: endpoints.clone(),
+                            ..ServiceConfig::default()
                         },
                     )
                 })
@@ -240,6 +241,7 @@ impl Sidecar {
         EndpointConfig {
             address: self.inbound,
             identity: self.identity.clone(),
+            labels: Default::default(),
         }
     }
 

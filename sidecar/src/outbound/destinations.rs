@@ -61,6 +61,8 @@ impl Destinations {
             let ServiceConfig {
                 namespace,
                 endpoints,
+                subsets: _,
+                routes: _,
             } = service;
             let endpoints = endpoints
                 .iter()
@@ -77,6 +79,16 @@ impl Destinations {
             );
         }
         Ok(Self { config, services })
+    }
+
+    /// Compiles the config that replaces this one. Endpoints that stay keep their
+    /// connections and load estimates, so a push never drops in-flight requests.
+    pub fn compile_next(
+        &self,
+        config: ProxyConfig,
+        creds: &Credentials,
+    ) -> Result<Self, CompileError> {
+        Self::compile(config, creds)
     }
 
     pub fn config(&self) -> &ProxyConfig {
@@ -166,7 +178,11 @@ impl Endpoint {
         config: &EndpointConfig,
         creds: &Credentials,
     ) -> Result<Self, CompileError> {
-        let EndpointConfig { address, identity } = config;
+        let EndpointConfig {
+            address,
+            identity,
+            labels: _,
+        } = config;
         let identity = SpiffeId::parse(identity).map_err(|e| CompileError::Identity {
             service: service.to_string(),
             index,
@@ -205,6 +221,7 @@ mod tests {
             ServiceConfig {
                 namespace: "shop".into(),
                 endpoints: vec![],
+                ..ServiceConfig::default()
             },
         );
         Destinations::compile(config, &Credentials::new(Default::default())).unwrap()
@@ -241,7 +258,9 @@ mod tests {
                 endpoints: vec![EndpointConfig {
                     address: "127.0.0.1:1".parse().unwrap(),
                     identity: "http://nope".into(),
+                    labels: Default::default(),
                 }],
+                ..ServiceConfig::default()
             },
         );
         let e = Destinations::compile(config, &Credentials::new(Default::default())).unwrap_err();
