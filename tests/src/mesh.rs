@@ -163,6 +163,7 @@ impl Mesh {
                     )
                 })
                 .collect(),
+            inbound: Default::default(),
         };
         let config = serde_json::json!({
             "identity": {"certificate": cert, "privateKey": key, "trustBundle": bundle},
