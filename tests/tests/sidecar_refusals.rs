@@ -119,6 +119,7 @@ async fn outbound_refuses_a_server_with_the_wrong_id() {
     let wrong = EndpointConfig {
         address: b.inbound,
         identity: workload_id("not-b"),
+        labels: Default::default(),
     };
     let a =
         mesh.sidecar(SidecarSpec::new("a", "127.0.0.1:9".parse().unwrap()).to("b", vec![wrong]));
