@@ -344,6 +344,7 @@ async fn p2c_steers_away_from_an_endpoint_that_refuses_connections() {
     let dead = trellis_api::config::EndpointConfig {
         address: dead_addr,
         identity: workload_id("b"),
+        labels: Default::default(),
     };
     let a = mesh.sidecar(
         SidecarSpec::new("a", "127.0.0.1:9".parse().unwrap()).to("b", vec![live.endpoint(), dead]),
