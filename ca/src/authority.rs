@@ -285,6 +285,24 @@ impl Authority {
         self.config.max_leaf_ttl
     }
 
+    /// When the intermediate expires; no leaf outlives it.
+    pub fn intermediate_not_after(&self) -> OffsetDateTime {
+        self.intermediate_not_after
+    }
+
+    /// When the earliest-expiring root of the bundle expires (`None` for an unreadable
+    /// root, which `load_or_create` and `from_operator` never accept).
+    pub fn roots_not_after(&self) -> Option<OffsetDateTime> {
+        self.bundle
+            .roots()
+            .iter()
+            .map(|root| parse_certificate(root).map(|c| c.validity().not_after.to_datetime()))
+            .collect::<Result<Vec<_>, _>>()
+            .ok()?
+            .into_iter()
+            .min()
+    }
+
     /// Signs a workload's CSR after checking it: `expected` (the id the credential
     /// proved) is in this CA's trust domain, the signature verifies, the one URI SAN
     /// is `expected`, there is no other SAN, the key is

@@ -153,7 +153,7 @@ async fn a_join_token_gets_its_own_identity_and_nothing_else() {
     assert!(
         status
             .message()
-            .contains(&format!("the join token is for {PAYMENT}, not {ORDER}")),
+            .contains(&format!("the credential is for {PAYMENT}, not {ORDER}")),
         "{}",
         status.message()
     );

@@ -1,0 +1,406 @@
+//! The operator HTTP API that `trellisctl` speaks (docs/control-plane.md): apply, get
+//! and delete resources, list endpoints and proxies, mint join tokens, report status.
+//! Every request needs the bearer token from the data dir.
+
+use std::{
+    convert::Infallible,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use trellis_ca::Authority;
+use trellis_crds::{Document, parse_documents};
+
+use crate::{
+    compiler::Compiler,
+    join_token::JoinTokens,
+    registry::{ConfigState, Registry},
+    store::{Change, ResourceKey, Store, StoreError},
+};
+
+/// Applies larger than this are refused: a mesh's whole config is far smaller.
+const MAX_BODY: usize = 8 * 1024 * 1024;
+const KINDS: [&str; 5] = [
+    "MeshConfig",
+    "DestinationPolicy",
+    "TrafficRoute",
+    "AuthorizationPolicy",
+    "Canary",
+];
+const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+#[derive(Debug)]
+pub struct OperatorApi {
+    pub token: String,
+    pub store: Arc<Store>,
+    pub registry: Arc<Registry>,
+    pub compiler: Arc<Compiler>,
+    pub tokens: Arc<JoinTokens>,
+    pub authority: Arc<Authority>,
+}
+
+type Answer = Response<Full<Bytes>>;
+
+fn answer(status: StatusCode, body: &impl Serialize) -> Answer {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// A request the API turns down: the status and the one message the client shows.
+#[derive(Debug)]
+struct Refusal(StatusCode, String);
+
+impl Refusal {
+    fn into_answer(self) -> Answer {
+        answer(self.0, &json!({ "error": self.1 }))
+    }
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Refusal {
+    Refusal(status, message.to_string())
+}
+
+/// The kind a path names, in any case.
+fn kind_of(text: &str) -> Result<&'static str, Refusal> {
+    KINDS
+        .iter()
+        .find(|k| k.eq_ignore_ascii_case(text))
+        .copied()
+        .ok_or_else(|| {
+            error(
+                StatusCode::NOT_FOUND,
+                format!("unknown kind {text:?}; kinds are {}", KINDS.join(", ")),
+            )
+        })
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Compares without an early exit, so response time says nothing about the token.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    service: String,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    ttl: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct ChangeView<'a> {
+    kind: &'a str,
+    namespace: Option<&'a str>,
+    name: &'a str,
+    change: &'static str,
+}
+
+fn store_failure(e: StoreError) -> Refusal {
+    match e {
+        StoreError::Invalid(_) => error(StatusCode::UNPROCESSABLE_ENTITY, e),
+        other => {
+            tracing::error!(error = %other, "store failure");
+            error(StatusCode::INTERNAL_SERVER_ERROR, other)
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Refusal> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(store_failure(e)),
+        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
+    }
+}
+
+impl OperatorApi {
+    /// Serves until `shutdown`.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, _) = match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let api = self.clone();
+            let service = hyper::service::service_fn(move |req| {
+                let api = api.clone();
+                async move { Ok::<_, Infallible>(api.handle(req).await) }
+            });
+            tokio::spawn(async move {
+                let served = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+                if let Err(error) = served {
+                    tracing::debug!(%error, "API connection ended with an error");
+                }
+            });
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Answer {
+        let authorized = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| same_secret(given.trim().as_bytes(), self.token.as_bytes()));
+        if !authorized {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token (it is in the data dir's api-token file)",
+            )
+            .into_answer();
+        }
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let query = req.uri().query().map(str::to_string);
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let result = match (&method, segments.as_slice()) {
+            (&Method::POST, ["v1", "apply"]) => self.apply(req).await,
+            (&Method::GET, ["v1", "resources", kind]) => self.list(kind, query.as_deref()).await,
+            (&Method::GET, ["v1", "resources", kind, name]) => {
+                self.get(kind, name, query.as_deref()).await
+            }
+            (&Method::DELETE, ["v1", "resources", kind, name]) => {
+                self.delete(kind, name, query.as_deref()).await
+            }
+            (&Method::GET, ["v1", "endpoints"]) => Ok(answer(
+                StatusCode::OK,
+                &json!({ "items": self.registry.endpoints() }),
+            )),
+            (&Method::GET, ["v1", "proxies"]) => Ok(answer(
+                StatusCode::OK,
+                &json!({ "items": self.registry.proxies() }),
+            )),
+            (&Method::POST, ["v1", "tokens"]) => self.token(req).await,
+            (&Method::GET, ["v1", "status"]) => self.status().await,
+            _ => Err(error(
+                StatusCode::NOT_FOUND,
+                format!("no such API: {method} {path}"),
+            )),
+        };
+        result.unwrap_or_else(Refusal::into_answer)
+    }
+
+    async fn body(req: Request<Incoming>) -> Result<Bytes, Refusal> {
+        match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(body) => Ok(body.to_bytes()),
+            Err(e) => Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("reading the request body (at most {MAX_BODY} bytes): {e}"),
+            )),
+        }
+    }
+
+    async fn apply(&self, req: Request<Incoming>) -> Result<Answer, Refusal> {
+        let body = Self::body(req).await?;
+        let text = std::str::from_utf8(&body)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, format!("the body is not UTF-8: {e}")))?;
+        let documents = parse_documents(text).map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
+        if documents.is_empty() {
+            return Err(error(StatusCode::BAD_REQUEST, "no documents to apply"));
+        }
+        let ours = self.authority.trust_domain().as_str();
+        for document in &documents {
+            if let Document::MeshConfig(mesh) = document
+                && mesh.spec.trust_domain != ours
+            {
+                return Err(error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!(
+                        "MeshConfig {:?}: spec.trustDomain: {:?} is not this control plane's \
+                         trust domain {ours:?}, which is fixed when its CA is created",
+                        document.name(),
+                        mesh.spec.trust_domain
+                    ),
+                ));
+            }
+        }
+        let store = self.store.clone();
+        let applied = blocking(move || store.apply(&documents)).await?;
+        if applied.changes.iter().any(|(_, c)| *c != Change::Unchanged) {
+            self.compiler.changed();
+        }
+        let changes: Vec<ChangeView<'_>> = applied
+            .changes
+            .iter()
+            .map(|(key, change)| ChangeView {
+                kind: &key.kind,
+                namespace: key.namespace.as_deref(),
+                name: &key.name,
+                change: match change {
+                    Change::Created => "created",
+                    Change::Updated => "updated",
+                    Change::Unchanged => "unchanged",
+                },
+            })
+            .collect();
+        for c in &changes {
+            tracing::info!(kind = c.kind, namespace = c.namespace, name = c.name, change = c.change, "applied");
+        }
+        Ok(answer(
+            StatusCode::OK,
+            &json!({ "revision": applied.revision, "changes": changes }),
+        ))
+    }
+
+    fn key(kind: &'static str, name: &str, query: Option<&str>) -> ResourceKey {
+        let namespace = (kind != "MeshConfig")
+            .then(|| query_param(query, "namespace").unwrap_or("default").to_string());
+        ResourceKey {
+            kind: kind.to_string(),
+            namespace,
+            name: name.to_string(),
+        }
+    }
+
+    async fn list(&self, kind: &str, query: Option<&str>) -> Result<Answer, Refusal> {
+        let kind = kind_of(kind)?;
+        let namespace = query_param(query, "namespace").map(str::to_string);
+        let store = self.store.clone();
+        let documents = blocking(move || store.list(Some(kind))).await?;
+        let items = documents
+            .iter()
+            .filter(|d| namespace.is_none() || d.namespace() == namespace.as_deref())
+            .map(|d| serde_json::from_slice::<serde_json::Value>(&d.to_json().unwrap_or_default()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        Ok(answer(StatusCode::OK, &json!({ "items": items })))
+    }
+
+    async fn get(&self, kind: &str, name: &str, query: Option<&str>) -> Result<Answer, Refusal> {
+        let key = Self::key(kind_of(kind)?, name, query);
+        let store = self.store.clone();
+        let lookup = key.clone();
+        match blocking(move || store.get(&lookup)).await? {
+            Some(document) => {
+                let value: serde_json::Value =
+                    serde_json::from_slice(&document.to_json().unwrap_or_default())
+                        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+                Ok(answer(StatusCode::OK, &value))
+            }
+            None => Err(error(StatusCode::NOT_FOUND, format!("{key} not found"))),
+        }
+    }
+
+    async fn delete(&self, kind: &str, name: &str, query: Option<&str>) -> Result<Answer, Refusal> {
+        let key = Self::key(kind_of(kind)?, name, query);
+        let store = self.store.clone();
+        let target = key.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            store.delete(&target).and_then(|removed| Ok((removed, store.revision()?)))
+        })
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        match removed {
+            Ok((true, revision)) => {
+                self.compiler.changed();
+                tracing::info!(resource = %key, "deleted");
+                Ok(answer(StatusCode::OK, &json!({ "revision": revision })))
+            }
+            Ok((false, _)) => Err(error(StatusCode::NOT_FOUND, format!("{key} not found"))),
+            Err(StoreError::Invalid(invalid)) => Err(error(
+                StatusCode::CONFLICT,
+                format!(
+                    "{key} is still needed: {}",
+                    StoreError::Invalid(invalid)
+                ),
+            )),
+            Err(e) => Err(store_failure(e)),
+        }
+    }
+
+    async fn token(&self, req: Request<Incoming>) -> Result<Answer, Refusal> {
+        let body = Self::body(req).await?;
+        let TokenRequest {
+            service,
+            namespace,
+            ttl,
+        } = serde_json::from_slice(&body).map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
+        let namespace = namespace.unwrap_or_else(|| "default".into());
+        let ttl = match ttl {
+            Some(text) => trellis_api::duration::parse(&text)
+                .map_err(|e| error(StatusCode::BAD_REQUEST, format!("ttl {text:?}: {e}")))?,
+            None => DEFAULT_TOKEN_TTL,
+        };
+        let now = SystemTime::now();
+        let td = self.authority.trust_domain();
+        let token = self
+            .tokens
+            .mint(td, &namespace, &service, ttl, now)
+            .map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
+        let expires = now + ttl;
+        tracing::info!(service, namespace, ?ttl, "join token minted");
+        Ok(answer(
+            StatusCode::OK,
+            &json!({
+                "token": token,
+                "identity": format!("spiffe://{}/ns/{namespace}/sa/{service}", td.as_str()),
+                "expiresUnix": expires.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs(),
+            }),
+        ))
+    }
+
+    async fn status(&self) -> Result<Answer, Refusal> {
+        let store = self.store.clone();
+        let revision = blocking(move || store.revision()).await?;
+        let proxies = self.registry.proxies();
+        let nacks = proxies
+            .iter()
+            .filter(|p| p.state == ConfigState::Nacked)
+            .count();
+        Ok(answer(
+            StatusCode::OK,
+            &json!({
+                "trustDomain": self.authority.trust_domain().as_str(),
+                "revision": revision,
+                "proxies": proxies.len(),
+                "rootNotAfterUnix": self.authority.roots_not_after().map(|t| t.unix_timestamp()),
+                "intermediateNotAfterUnix": self.authority.intermediate_not_after().unix_timestamp(),
+                "nacks": nacks,
+            }),
+        ))
+    }
+}

@@ -1,0 +1,486 @@
+//! The compiler: applied resources + registered endpoints → one `ProxyConfig` per
+//! service that has proxies. Every proxy of a service shares one encoded snapshot;
+//! the version is a digest of the content, so an unchanged config is never re-sent.
+//! A change (apply, join, leave, health) wakes it; bursts are debounced into one round.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use parking_lot::Mutex;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use trellis_api::config::{
+    AllowConfig, AuthorizationDefault, BackendConfig, EndpointConfig, HeaderMatchConfig,
+    InboundConfig, MtlsMode, OperationConfig, ProxyConfig, RouteConfig, RouteMatchConfig,
+    ServiceConfig, SourceConfig,
+};
+use trellis_crds::{
+    AuthorizationPolicy, DefaultAuthorization, DestinationPolicy, Document, MeshConfigSpec, Mtls,
+    TrafficRoute,
+};
+
+use crate::{
+    registry::{EndpointView, Group, Registry},
+    store::Store,
+    telemetry,
+};
+
+/// One encoded config, shared by every proxy of its group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub version: String,
+    pub json: Bytes,
+}
+
+/// The resources the compiler reads, sorted by kind.
+#[derive(Debug, Default)]
+pub struct Resources {
+    pub mesh: Option<MeshConfigSpec>,
+    pub policies: Vec<DestinationPolicy>,
+    pub routes: Vec<TrafficRoute>,
+    pub authorization: Vec<AuthorizationPolicy>,
+}
+
+impl Resources {
+    pub fn from_documents(documents: Vec<Document>) -> Self {
+        let mut resources = Self::default();
+        for document in documents {
+            match document {
+                // Stored in name order; the first one wins and the API warns of others.
+                Document::MeshConfig(mesh) => {
+                    resources.mesh.get_or_insert(mesh.spec);
+                }
+                Document::DestinationPolicy(p) => resources.policies.push(p),
+                Document::TrafficRoute(r) => resources.routes.push(r),
+                Document::AuthorizationPolicy(a) => resources.authorization.push(a),
+                // The canary controller turns a Canary into route weights.
+                Document::Canary(_) => {}
+            }
+        }
+        resources
+    }
+
+    pub fn cert_ttl(&self) -> Option<Duration> {
+        let mesh = self.mesh.as_ref()?;
+        trellis_api::duration::parse(&mesh.cert_ttl).ok()
+    }
+}
+
+fn namespace_of(meta: &ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or("default")
+}
+
+/// Builds the config of every proxy of `group`.
+pub fn compile(group: &Group, resources: &Resources, endpoints: &[EndpointView]) -> ProxyConfig {
+    // A service is callable once it has an instance or a resource describing it.
+    let mut services: BTreeSet<(String, String)> = endpoints
+        .iter()
+        .map(|e| (e.namespace.clone(), e.service.clone()))
+        .collect();
+    for p in &resources.policies {
+        services.insert((namespace_of(&p.metadata).into(), p.spec.service.clone()));
+    }
+    for r in &resources.routes {
+        let ns = namespace_of(&r.metadata);
+        services.insert((ns.into(), r.spec.service.clone()));
+        for rule in &r.spec.rules {
+            for backend in &rule.backends {
+                if let Some(other) = &backend.service {
+                    services.insert((ns.into(), other.clone()));
+                }
+            }
+        }
+    }
+    // Services of the proxy's own namespace go by their name, others by `name.namespace`,
+    // which is also how the proxy resolves a host.
+    let key = |namespace: &str, service: &str| {
+        if namespace == group.namespace {
+            service.to_string()
+        } else {
+            format!("{service}.{namespace}")
+        }
+    };
+
+    let mut config = ProxyConfig {
+        version: String::new(),
+        mtls: match resources.mesh.as_ref().map(|m| m.mtls) {
+            Some(Mtls::Permissive) => MtlsMode::Permissive,
+            Some(Mtls::Strict) | None => MtlsMode::Strict,
+        },
+        services: BTreeMap::new(),
+        inbound: inbound(group, resources),
+    };
+    for (namespace, service) in services {
+        let endpoints = endpoints
+            .iter()
+            .filter(|e| e.healthy && e.service == service && e.namespace == namespace)
+            .map(|e| EndpointConfig {
+                address: e.address,
+                identity: e.identity.clone(),
+                labels: e.labels.clone(),
+            })
+            .collect();
+        let subsets = resources
+            .policies
+            .iter()
+            .filter(|p| p.spec.service == service && namespace_of(&p.metadata) == namespace)
+            .flat_map(|p| &p.spec.subsets)
+            .map(|s| (s.name.clone(), s.labels.clone()))
+            .collect();
+        let routes = resources
+            .routes
+            .iter()
+            .filter(|r| r.spec.service == service && namespace_of(&r.metadata) == namespace)
+            .flat_map(|r| r.spec.rules.iter())
+            .enumerate()
+            .map(|(index, rule)| RouteConfig {
+                name: rule.name.clone().unwrap_or_else(|| index.to_string()),
+                matches: rule
+                    .matches
+                    .as_ref()
+                    .map(|m| RouteMatchConfig {
+                        path_prefix: m.path_prefix.clone(),
+                        path_exact: m.path_exact.clone(),
+                        path_regex: m.path_regex.clone(),
+                        method: m.method.clone(),
+                        headers: m
+                            .headers
+                            .iter()
+                            .map(|h| HeaderMatchConfig {
+                                name: h.name.clone(),
+                                exact: h.exact.clone(),
+                                prefix: h.prefix.clone(),
+                                regex: h.regex.clone(),
+                            })
+                            .collect(),
+                    })
+                    .unwrap_or_default(),
+                backends: rule
+                    .backends
+                    .iter()
+                    .map(|b| BackendConfig {
+                        service: b.service.as_deref().map(|s| key(&namespace, s)),
+                        subset: b.subset.clone(),
+                        weight: b.weight,
+                    })
+                    .collect(),
+                timeout: rule.timeout.clone(),
+            })
+            .collect();
+        config.services.insert(
+            key(&namespace, &service),
+            ServiceConfig {
+                namespace,
+                endpoints,
+                subsets,
+                routes,
+            },
+        );
+    }
+    config
+}
+
+fn inbound(group: &Group, resources: &Resources) -> InboundConfig {
+    let default = match resources.mesh.as_ref().map(|m| m.default_authorization) {
+        Some(DefaultAuthorization::Deny) => AuthorizationDefault::Deny,
+        Some(DefaultAuthorization::AllowMesh) | None => AuthorizationDefault::Allow,
+    };
+    let allow = resources
+        .authorization
+        .iter()
+        .filter(|a| {
+            a.spec.service == group.service && namespace_of(&a.metadata) == group.namespace
+        })
+        .flat_map(|a| &a.spec.rules)
+        .map(|rule| AllowConfig {
+            from: rule
+                .from
+                .iter()
+                .map(|s| SourceConfig {
+                    identity: s.identity.clone(),
+                    namespace: s.namespace.clone(),
+                })
+                .collect(),
+            to: rule
+                .to
+                .iter()
+                .map(|o| OperationConfig {
+                    methods: o.methods.clone(),
+                    paths: o.paths.clone(),
+                })
+                .collect(),
+        })
+        .collect();
+    // A service with any policy allows only what a rule allows.
+    let has_policy = resources.authorization.iter().any(|a| {
+        a.spec.service == group.service && namespace_of(&a.metadata) == group.namespace
+    });
+    InboundConfig {
+        default: if has_policy {
+            AuthorizationDefault::Deny
+        } else {
+            default
+        },
+        allow,
+    }
+}
+
+/// Stamps the content digest as the version and encodes once.
+pub fn seal(mut config: ProxyConfig) -> Snapshot {
+    config.version = String::new();
+    let digest = ring::digest::digest(&ring::digest::SHA256, &config.to_json());
+    let version: String = digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    config.version = version.clone();
+    Snapshot {
+        version,
+        json: Bytes::from(config.to_json()),
+    }
+}
+
+/// The running compiler: holds the latest snapshot of every group that has proxies.
+#[derive(Debug)]
+pub struct Compiler {
+    store: Arc<Store>,
+    registry: Arc<Registry>,
+    trigger: Arc<Notify>,
+    debounce: Duration,
+    groups: Mutex<HashMap<Group, watch::Sender<Option<Arc<Snapshot>>>>>,
+    cert_ttl: watch::Sender<Duration>,
+}
+
+impl Compiler {
+    /// `trigger` is the notifier the registry and the API wake on every change.
+    pub fn new(
+        store: Arc<Store>,
+        registry: Arc<Registry>,
+        trigger: Arc<Notify>,
+        debounce: Duration,
+        cert_ttl: watch::Sender<Duration>,
+    ) -> Self {
+        Self {
+            store,
+            registry,
+            trigger,
+            debounce,
+            groups: Mutex::default(),
+            cert_ttl,
+        }
+    }
+
+    /// The snapshots for `group`: the current one (if compiled yet), then every new one.
+    pub fn watch(&self, group: &Group) -> watch::Receiver<Option<Arc<Snapshot>>> {
+        let mut groups = self.groups.lock();
+        match groups.get(group) {
+            Some(sender) => sender.subscribe(),
+            None => {
+                let (sender, receiver) = watch::channel(None);
+                groups.insert(group.clone(), sender);
+                receiver
+            }
+        }
+    }
+
+    pub fn changed(&self) {
+        self.trigger.notify_one();
+    }
+
+    /// Recompiles on every change until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.trigger.notified() => {}
+            }
+            // Let a burst (an apply of many documents, proxies joining at start) land,
+            // then compile once; changes during the round wake the next one.
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(self.debounce) => {}
+            }
+            let this = self.clone();
+            match tokio::task::spawn_blocking(move || this.compile_round()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "compiling proxy configs failed; proxies keep their last config");
+                }
+                Err(e) => tracing::error!(error = %e, "the compiler task failed"),
+            }
+        }
+    }
+
+    /// One round: read the store and the registry, rebuild every group's snapshot and
+    /// publish the ones that changed. Blocking (store reads); runs off the runtime.
+    pub fn compile_round(&self) -> Result<(), crate::store::StoreError> {
+        let start = Instant::now();
+        let resources = Resources::from_documents(self.store.list(None)?);
+        if let Some(ttl) = resources.cert_ttl() {
+            self.cert_ttl.send_if_modified(|current| {
+                std::mem::replace(current, ttl) != ttl
+            });
+        }
+        let endpoints = self.registry.endpoints();
+        let mut wanted: BTreeSet<Group> = self.registry.groups().into_iter().collect();
+        let mut groups = self.groups.lock();
+        // Groups nobody watches any more are dropped; groups with proxies are built even
+        // before their first watcher so a join finds its config ready.
+        groups.retain(|group, sender| sender.receiver_count() > 0 || wanted.contains(group));
+        wanted.extend(groups.keys().cloned());
+        let mut pushed = 0u64;
+        for group in wanted {
+            let snapshot = seal(compile(&group, &resources, &endpoints));
+            let sender = groups
+                .entry(group)
+                .or_insert_with(|| watch::channel(None).0);
+            let modified = sender.send_if_modified(|current| {
+                if current.as_ref().is_some_and(|c| c.version == snapshot.version) {
+                    return false;
+                }
+                *current = Some(Arc::new(snapshot));
+                true
+            });
+            pushed += u64::from(modified);
+        }
+        drop(groups);
+        metrics::counter!(telemetry::COMPILES).increment(1);
+        metrics::histogram!(telemetry::COMPILE_DURATION).record(start.elapsed().as_secs_f64());
+        tracing::debug!(changed = pushed, elapsed = ?start.elapsed(), "proxy configs compiled");
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use trellis_crds::parse_documents;
+
+    fn endpoint(service: &str, namespace: &str, port: u16, version: &str) -> EndpointView {
+        EndpointView {
+            service: service.into(),
+            namespace: namespace.into(),
+            instance: format!("{service}-{port}"),
+            address: ([127, 0, 0, 1], port).into(),
+            identity: format!("spiffe://td/ns/{namespace}/sa/{service}"),
+            labels: [("version".to_string(), version.to_string())].into(),
+            healthy: true,
+        }
+    }
+
+    fn resources(yaml: &str) -> Resources {
+        Resources::from_documents(parse_documents(yaml).unwrap())
+    }
+
+    fn web() -> Group {
+        Group {
+            service: "web".into(),
+            namespace: "default".into(),
+        }
+    }
+
+    const ROUTED: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: DestinationPolicy
+metadata: {name: api}
+spec:
+  service: api
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficRoute
+metadata: {name: api}
+spec:
+  service: api
+  rules:
+  - name: testers
+    match: {headers: [{name: x-canary, exact: "true"}]}
+    backends: [{subset: v2, weight: 1}]
+  - backends: [{subset: v1, weight: 90}, {subset: v2, weight: 10}]
+    timeout: 2s
+---
+apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: web}
+spec:
+  service: web
+  rules:
+  - from: [{identity: "spiffe://td/ns/default/sa/gateway"}]
+    to: [{methods: [GET], paths: ["/shop/*"]}]
+"#;
+
+    #[test]
+    fn routes_subsets_endpoints_and_authorization_reach_the_config() {
+        let endpoints = vec![
+            endpoint("api", "default", 1, "v1"),
+            endpoint("api", "default", 2, "v2"),
+            endpoint("web", "default", 3, "v1"),
+            endpoint("db", "data", 4, "v1"),
+        ];
+        let config = compile(&web(), &resources(ROUTED), &endpoints);
+        let api = &config.services["api"];
+        assert_eq!(api.endpoints.len(), 2);
+        assert_eq!(api.subsets["v2"]["version"], "v2");
+        assert_eq!(api.routes.len(), 2);
+        assert_eq!(api.routes[0].name, "testers");
+        assert_eq!(api.routes[1].name, "1");
+        assert_eq!(api.routes[1].backends[1].weight, 10);
+        assert_eq!(api.routes[1].timeout.as_deref(), Some("2s"));
+        // Another namespace's service is named with its namespace.
+        assert!(config.services.contains_key("db.data"));
+        assert!(!config.services.contains_key("db"));
+        // A policy for web: default deny, one rule.
+        assert_eq!(config.inbound.default, AuthorizationDefault::Deny);
+        assert_eq!(config.inbound.allow[0].to[0].paths, ["/shop/*"]);
+        // api has no policy: the mesh default (allow).
+        let api_group = Group {
+            service: "api".into(),
+            namespace: "default".into(),
+        };
+        let api_config = compile(&api_group, &resources(ROUTED), &endpoints);
+        assert_eq!(api_config.inbound, InboundConfig::default());
+    }
+
+    #[test]
+    fn unhealthy_instances_are_withdrawn() {
+        let mut sick = endpoint("api", "default", 2, "v1");
+        sick.healthy = false;
+        let endpoints = vec![endpoint("api", "default", 1, "v1"), sick];
+        let config = compile(&web(), &Resources::default(), &endpoints);
+        assert_eq!(config.services["api"].endpoints.len(), 1);
+        assert_eq!(config.services["api"].endpoints[0].address.port(), 1);
+    }
+
+    #[test]
+    fn the_version_is_the_content_digest() {
+        let endpoints = vec![endpoint("api", "default", 1, "v1")];
+        let a = seal(compile(&web(), &Resources::default(), &endpoints));
+        let b = seal(compile(&web(), &Resources::default(), &endpoints));
+        assert_eq!(a, b);
+        let more = vec![endpoint("api", "default", 1, "v1"), endpoint("api", "default", 2, "v1")];
+        let c = seal(compile(&web(), &Resources::default(), &more));
+        assert_ne!(a.version, c.version);
+        let decoded = ProxyConfig::from_json(&c.json).unwrap();
+        assert_eq!(decoded.version, c.version);
+    }
+
+    #[test]
+    fn mesh_config_sets_mtls_default_authorization_and_cert_ttl() {
+        let r = resources(
+            "apiVersion: trellis.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\n\
+             spec: {mtls: PERMISSIVE, defaultAuthorization: deny, certTTL: 2h}\n",
+        );
+        let config = compile(&web(), &r, &[]);
+        assert_eq!(config.mtls, MtlsMode::Permissive);
+        assert_eq!(config.inbound.default, AuthorizationDefault::Deny);
+        assert_eq!(r.cert_ttl(), Some(Duration::from_secs(7200)));
+    }
+}

@@ -1,0 +1,301 @@
+//! The Discovery service: a subscribed sidecar is registered as an endpoint of its
+//! service and gets its group's config on every change; its ACKs and NACKs are kept
+//! for `trellisctl get proxies`. The caller's SVID decides who it is: a Hello that
+//! claims another service is refused.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
+use trellis_api::discovery::v1::{
+    Ack, ConfigPush, Hello, Heartbeat, Nack, ReportRequest, ReportResponse, SubscribeRequest,
+    discovery_server::Discovery, subscribe_request::Kind,
+};
+use trellis_ca::{SpiffeId, TrustDomain};
+
+use crate::{
+    compiler::Compiler,
+    grpc_tls::Caller,
+    registry::{Group, ProxyId, ProxyInfo, Registry},
+    telemetry,
+};
+
+/// How long a new stream may take to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug)]
+pub struct DiscoveryService {
+    trust_domain: TrustDomain,
+    registry: Arc<Registry>,
+    compiler: Arc<Compiler>,
+    /// A proxy whose heartbeats stop for this long leaves the registry.
+    heartbeat_timeout: Duration,
+}
+
+impl DiscoveryService {
+    pub fn new(
+        trust_domain: TrustDomain,
+        registry: Arc<Registry>,
+        compiler: Arc<Compiler>,
+        heartbeat_timeout: Duration,
+    ) -> Self {
+        Self {
+            trust_domain,
+            registry,
+            compiler,
+            heartbeat_timeout,
+        }
+    }
+
+    /// The caller must hold an SVID of this mesh for exactly `service` in `namespace`.
+    fn authorize(
+        &self,
+        caller: Option<&Caller>,
+        service: &str,
+        namespace: &str,
+    ) -> Result<SpiffeId, Status> {
+        let Some(Caller(Some(id))) = caller.cloned() else {
+            return Err(Status::unauthenticated(
+                "Discovery needs the sidecar's SVID in the TLS handshake; certify first",
+            ));
+        };
+        let expected = format!(
+            "spiffe://{}/ns/{namespace}/sa/{service}",
+            self.trust_domain.as_str()
+        );
+        if id.as_str() != expected {
+            return Err(Status::permission_denied(format!(
+                "the caller is {id}, which may not speak for service {service:?} in namespace \
+                 {namespace:?} ({expected})"
+            )));
+        }
+        Ok(id)
+    }
+}
+
+type PushStream = Pin<Box<dyn Stream<Item = Result<ConfigPush, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type SubscribeStream = PushStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = request.extensions().get::<Caller>().cloned();
+        let mut incoming = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, incoming.message()).await {
+            Ok(Ok(Some(SubscribeRequest {
+                kind: Some(Kind::Hello(hello)),
+            }))) => hello,
+            Ok(Ok(Some(_))) => {
+                return Err(Status::invalid_argument(
+                    "the first message of a subscription must be a Hello",
+                ));
+            }
+            Ok(Ok(None)) => return Err(Status::cancelled("the stream ended before a Hello")),
+            Ok(Err(status)) => return Err(status),
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "no Hello within {HELLO_TIMEOUT:?}"
+                )));
+            }
+        };
+        let Hello {
+            service,
+            namespace,
+            instance,
+            labels,
+            inbound_address,
+            healthy,
+            proxy_version,
+        } = hello;
+        let identity = self.authorize(caller.as_ref(), &service, &namespace)?;
+        let address: SocketAddr = inbound_address.parse().map_err(|e| {
+            Status::invalid_argument(format!("hello.inbound_address {inbound_address:?}: {e}"))
+        })?;
+        if address.ip().is_unspecified() || address.port() == 0 {
+            return Err(Status::invalid_argument(format!(
+                "hello.inbound_address {address} is not an address peers can dial"
+            )));
+        }
+        let instance = if instance.is_empty() {
+            format!("{service}-{address}")
+        } else {
+            instance
+        };
+        let group = Group {
+            service: service.clone(),
+            namespace: namespace.clone(),
+        };
+        let snapshots = self.compiler.watch(&group);
+        let info = ProxyInfo {
+            service,
+            namespace,
+            instance,
+            identity,
+            address,
+            labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
+            healthy,
+            proxy_version,
+        };
+        tracing::info!(
+            service = info.service,
+            namespace = info.namespace,
+            instance = info.instance,
+            address = %info.address,
+            healthy,
+            "proxy subscribed"
+        );
+        let proxy = self.registry.join(info.clone());
+        let (tx, rx) = mpsc::channel(4);
+        let session = Session {
+            proxy,
+            info,
+            registry: self.registry.clone(),
+            heartbeat_timeout: self.heartbeat_timeout,
+        };
+        tokio::spawn(session.run(incoming, snapshots, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn report(
+        &self,
+        request: Request<ReportRequest>,
+    ) -> Result<Response<ReportResponse>, Status> {
+        let (service, namespace) = {
+            let r = request.get_ref();
+            (r.service.clone(), r.namespace.clone())
+        };
+        self.authorize(request.extensions().get::<Caller>(), &service, &namespace)?;
+        let report = request.into_inner();
+        for (index, route) in report.routes.iter().enumerate() {
+            if route.successes > route.requests {
+                return Err(Status::invalid_argument(format!(
+                    "routes[{index}]: {} successes out of {} requests",
+                    route.successes, route.requests
+                )));
+            }
+            if route.latency_bounds_seconds.len() != route.latency_bucket_counts.len() {
+                return Err(Status::invalid_argument(format!(
+                    "routes[{index}]: {} latency bounds but {} bucket counts",
+                    route.latency_bounds_seconds.len(),
+                    route.latency_bucket_counts.len()
+                )));
+            }
+        }
+        metrics::counter!(telemetry::REPORTS).increment(1);
+        Ok(Response::new(ReportResponse {}))
+    }
+}
+
+/// One subscribed proxy: pushes its group's snapshots, reads its answers, and takes it
+/// out of the registry when the stream ends or its heartbeats stop.
+struct Session {
+    proxy: ProxyId,
+    info: ProxyInfo,
+    registry: Arc<Registry>,
+    heartbeat_timeout: Duration,
+}
+
+impl Session {
+    async fn run(
+        self,
+        mut incoming: Streaming<SubscribeRequest>,
+        mut snapshots: tokio::sync::watch::Receiver<
+            Option<Arc<crate::compiler::Snapshot>>,
+        >,
+        tx: mpsc::Sender<Result<ConfigPush, Status>>,
+    ) {
+        let mut deadline = tokio::time::Instant::now() + self.heartbeat_timeout;
+        // The snapshot present at subscribe time is sent at once.
+        snapshots.mark_changed();
+        let mut sent: Option<(String, Instant)> = None;
+        let reason = loop {
+            tokio::select! {
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        break "the control plane is shutting down";
+                    }
+                    let Some(snapshot) = snapshots.borrow_and_update().clone() else { continue };
+                    let push = ConfigPush {
+                        version: snapshot.version.clone(),
+                        config_json: snapshot.json.clone(),
+                    };
+                    if tx.send(Ok(push)).await.is_err() {
+                        break "the proxy went away";
+                    }
+                    metrics::counter!(telemetry::PUSHES).increment(1);
+                    self.registry.pushed(self.proxy, &snapshot.version);
+                    sent = Some((snapshot.version.clone(), Instant::now()));
+                }
+                message = incoming.message() => match message {
+                    Ok(Some(SubscribeRequest { kind: Some(kind) })) => {
+                        deadline = tokio::time::Instant::now() + self.heartbeat_timeout;
+                        self.answer(kind, &sent);
+                    }
+                    Ok(Some(SubscribeRequest { kind: None })) => {}
+                    Ok(None) => break "the proxy closed its stream",
+                    Err(_) => break "the proxy's stream failed",
+                },
+                () = tokio::time::sleep_until(deadline) => {
+                    let _ = tx
+                        .send(Err(Status::deadline_exceeded(format!(
+                            "no heartbeat for {:?}", self.heartbeat_timeout
+                        ))))
+                        .await;
+                    break "its heartbeats stopped";
+                }
+                () = tx.closed() => break "the proxy went away",
+            }
+        };
+        self.registry.leave(self.proxy);
+        tracing::info!(
+            service = self.info.service,
+            instance = self.info.instance,
+            reason,
+            "proxy left"
+        );
+    }
+
+    fn answer(&self, kind: Kind, sent: &Option<(String, Instant)>) {
+        let latency = |version: &str| {
+            if let Some((sent_version, at)) = sent
+                && sent_version == version
+            {
+                metrics::histogram!(telemetry::PUSH_LATENCY).record(at.elapsed().as_secs_f64());
+            }
+        };
+        match kind {
+            Kind::Ack(Ack { version }) => {
+                latency(&version);
+                self.registry.acked(self.proxy, &version);
+                tracing::debug!(instance = self.info.instance, version, "config ACKed");
+            }
+            Kind::Nack(Nack { version, error }) => {
+                latency(&version);
+                metrics::counter!(telemetry::NACKS).increment(1);
+                tracing::warn!(
+                    service = self.info.service,
+                    instance = self.info.instance,
+                    version,
+                    error,
+                    "config NACKed; the proxy keeps its last good config"
+                );
+                self.registry.nacked(self.proxy, &version, &error);
+            }
+            Kind::Heartbeat(Heartbeat { healthy }) => self.registry.set_health(self.proxy, healthy),
+            Kind::Hello(_) => {
+                tracing::debug!(instance = self.info.instance, "a second Hello is ignored");
+            }
+        }
+    }
+}

@@ -1,0 +1,331 @@
+//! The registry of running sidecars in universal mode: each subscribed proxy is an
+//! endpoint of its service while its stream is open and it reports healthy. The
+//! compiler reads endpoints from here; `trellisctl get proxies` reads config state.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Instant,
+};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::Notify;
+use trellis_ca::SpiffeId;
+
+/// What a proxy said about itself in its Hello, with the id its SVID proved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyInfo {
+    pub service: String,
+    pub namespace: String,
+    pub instance: String,
+    pub identity: SpiffeId,
+    pub address: SocketAddr,
+    pub labels: BTreeMap<String, String>,
+    pub healthy: bool,
+    pub proxy_version: String,
+}
+
+/// A service the compiler builds one config for: every proxy of it gets the same one.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Group {
+    pub service: String,
+    pub namespace: String,
+}
+
+#[derive(Debug)]
+struct Entry {
+    info: ProxyInfo,
+    connected_at: Instant,
+    /// The last version pushed to it.
+    latest: Option<String>,
+    acked: Option<String>,
+    nack: Option<Nack>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Nack {
+    pub version: String,
+    pub error: String,
+}
+
+/// One endpoint as other proxies see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointView {
+    pub service: String,
+    pub namespace: String,
+    pub instance: String,
+    pub address: SocketAddr,
+    pub identity: String,
+    pub labels: BTreeMap<String, String>,
+    pub healthy: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ConfigState {
+    /// It runs the latest version it was sent.
+    Acked,
+    /// A version was sent and not answered yet (or none was sent yet).
+    Pending,
+    /// It refused the latest version and runs an older one.
+    Nacked,
+}
+
+/// One proxy's connection and config state, for `trellisctl get proxies`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyView {
+    pub service: String,
+    pub namespace: String,
+    pub instance: String,
+    pub identity: String,
+    pub address: SocketAddr,
+    pub healthy: bool,
+    pub proxy_version: String,
+    pub connected_seconds: u64,
+    pub latest_version: Option<String>,
+    pub acked_version: Option<String>,
+    pub nack: Option<Nack>,
+    pub state: ConfigState,
+}
+
+/// Handle of one registered proxy; the stream that owns it calls `leave` when it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProxyId(u64);
+
+#[derive(Debug, Default)]
+pub struct Registry {
+    entries: Mutex<HashMap<ProxyId, Entry>>,
+    next_id: AtomicU64,
+    /// Woken when the set of endpoints others see changes (join, leave, health).
+    endpoints_changed: Arc<Notify>,
+}
+
+impl Registry {
+    pub fn new(endpoints_changed: Arc<Notify>) -> Self {
+        Self {
+            entries: Mutex::default(),
+            next_id: AtomicU64::new(1),
+            endpoints_changed,
+        }
+    }
+
+    pub fn join(&self, info: ProxyInfo) -> ProxyId {
+        let id = ProxyId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let entry = Entry {
+            info,
+            connected_at: Instant::now(),
+            latest: None,
+            acked: None,
+            nack: None,
+        };
+        self.entries.lock().insert(id, entry);
+        metrics::gauge!(crate::telemetry::PROXIES).increment(1.0);
+        self.endpoints_changed.notify_one();
+        id
+    }
+
+    pub fn leave(&self, id: ProxyId) {
+        if self.entries.lock().remove(&id).is_some() {
+            metrics::gauge!(crate::telemetry::PROXIES).decrement(1.0);
+            self.endpoints_changed.notify_one();
+        }
+    }
+
+    pub fn set_health(&self, id: ProxyId, healthy: bool) {
+        let changed = self
+            .entries
+            .lock()
+            .get_mut(&id)
+            .is_some_and(|e| std::mem::replace(&mut e.info.healthy, healthy) != healthy);
+        if changed {
+            self.endpoints_changed.notify_one();
+        }
+    }
+
+    pub fn pushed(&self, id: ProxyId, version: &str) {
+        if let Some(e) = self.entries.lock().get_mut(&id) {
+            e.latest = Some(version.to_string());
+        }
+    }
+
+    pub fn acked(&self, id: ProxyId, version: &str) {
+        if let Some(e) = self.entries.lock().get_mut(&id) {
+            e.acked = Some(version.to_string());
+            // A later good version clears an earlier refusal.
+            if e.nack.as_ref().is_some_and(|n| n.version != version) {
+                e.nack = None;
+            }
+        }
+    }
+
+    pub fn nacked(&self, id: ProxyId, version: &str, error: &str) {
+        if let Some(e) = self.entries.lock().get_mut(&id) {
+            e.nack = Some(Nack {
+                version: version.to_string(),
+                error: error.to_string(),
+            });
+        }
+    }
+
+    /// The services that have at least one proxy connected.
+    pub fn groups(&self) -> Vec<Group> {
+        let mut groups: Vec<Group> = self
+            .entries
+            .lock()
+            .values()
+            .map(|e| Group {
+                service: e.info.service.clone(),
+                namespace: e.info.namespace.clone(),
+            })
+            .collect();
+        groups.sort();
+        groups.dedup();
+        groups
+    }
+
+    /// Every registered instance, healthy or not, sorted by service then instance.
+    pub fn endpoints(&self) -> Vec<EndpointView> {
+        let mut endpoints: Vec<EndpointView> = self
+            .entries
+            .lock()
+            .values()
+            .map(|e| {
+                let ProxyInfo {
+                    service,
+                    namespace,
+                    instance,
+                    identity,
+                    address,
+                    labels,
+                    healthy,
+                    proxy_version: _,
+                } = &e.info;
+                EndpointView {
+                    service: service.clone(),
+                    namespace: namespace.clone(),
+                    instance: instance.clone(),
+                    address: *address,
+                    identity: identity.to_string(),
+                    labels: labels.clone(),
+                    healthy: *healthy,
+                }
+            })
+            .collect();
+        endpoints.sort_by(|a, b| {
+            (&a.namespace, &a.service, &a.instance, a.address).cmp(&(
+                &b.namespace,
+                &b.service,
+                &b.instance,
+                b.address,
+            ))
+        });
+        endpoints
+    }
+
+    pub fn proxies(&self) -> Vec<ProxyView> {
+        let now = Instant::now();
+        let mut proxies: Vec<ProxyView> = self
+            .entries
+            .lock()
+            .values()
+            .map(|e| {
+                let state = match (&e.latest, &e.acked, &e.nack) {
+                    (Some(latest), _, Some(nack)) if &nack.version == latest => {
+                        ConfigState::Nacked
+                    }
+                    (Some(latest), Some(acked), _) if acked == latest => ConfigState::Acked,
+                    _ => ConfigState::Pending,
+                };
+                ProxyView {
+                    service: e.info.service.clone(),
+                    namespace: e.info.namespace.clone(),
+                    instance: e.info.instance.clone(),
+                    identity: e.info.identity.to_string(),
+                    address: e.info.address,
+                    healthy: e.info.healthy,
+                    proxy_version: e.info.proxy_version.clone(),
+                    connected_seconds: now.duration_since(e.connected_at).as_secs(),
+                    latest_version: e.latest.clone(),
+                    acked_version: e.acked.clone(),
+                    nack: e.nack.clone(),
+                    state,
+                }
+            })
+            .collect();
+        proxies.sort_by(|a, b| {
+            (&a.namespace, &a.service, &a.instance).cmp(&(&b.namespace, &b.service, &b.instance))
+        });
+        proxies
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn info(service: &str, port: u16) -> ProxyInfo {
+        ProxyInfo {
+            service: service.into(),
+            namespace: "default".into(),
+            instance: format!("{service}-{port}"),
+            identity: SpiffeId::parse(&format!("spiffe://td/ns/default/sa/{service}")).unwrap(),
+            address: ([127, 0, 0, 1], port).into(),
+            labels: BTreeMap::new(),
+            healthy: true,
+            proxy_version: "test".into(),
+        }
+    }
+
+    #[test]
+    fn config_state_follows_pushes_acks_and_nacks() {
+        let registry = Registry::new(Arc::default());
+        let id = registry.join(info("web", 1));
+        let state = || registry.proxies()[0].state;
+        assert_eq!(state(), ConfigState::Pending);
+        registry.pushed(id, "v1");
+        registry.acked(id, "v1");
+        assert_eq!(state(), ConfigState::Acked);
+        registry.pushed(id, "v2");
+        registry.nacked(id, "v2", "bad regex");
+        assert_eq!(state(), ConfigState::Nacked);
+        assert_eq!(registry.proxies()[0].acked_version.as_deref(), Some("v1"));
+        registry.pushed(id, "v3");
+        assert_eq!(state(), ConfigState::Pending);
+        registry.acked(id, "v3");
+        assert_eq!(state(), ConfigState::Acked);
+        assert!(registry.proxies()[0].nack.is_none());
+    }
+
+    #[test]
+    fn joins_leaves_and_health_changes_wake_the_compiler_but_acks_do_not() {
+        let notify = Arc::new(Notify::new());
+        let registry = Registry::new(notify.clone());
+        let woken = || {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            // A stored permit completes the future on its first poll.
+            notified.as_mut().enable()
+        };
+        let id = registry.join(info("web", 1));
+        assert!(woken());
+        registry.pushed(id, "v1");
+        registry.acked(id, "v1");
+        assert!(!woken());
+        registry.set_health(id, true);
+        assert!(!woken(), "unchanged health");
+        registry.set_health(id, false);
+        assert!(woken());
+        assert_eq!(registry.groups().len(), 1);
+        registry.leave(id);
+        assert!(woken());
+        assert!(registry.endpoints().is_empty());
+    }
+}
