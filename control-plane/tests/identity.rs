@@ -77,7 +77,15 @@ async fn client(
     cp: &ControlPlane,
     expect: &str,
 ) -> Result<IdentityClient<Channel>, tonic::transport::Error> {
-    let creds = Credentials::new(cp.bundle.clone());
+    client_with(cp, expect, Credentials::new(cp.bundle.clone())).await
+}
+
+/// A client presenting whatever SVID `creds` holds.
+async fn client_with(
+    cp: &ControlPlane,
+    expect: &str,
+    creds: Credentials,
+) -> Result<IdentityClient<Channel>, tonic::transport::Error> {
     let mut config =
         trellis_ca::client_config(&creds, Some(SpiffeId::parse(expect).unwrap())).unwrap();
     config.alpn_protocols = vec![b"h2".to_vec()];
@@ -245,5 +253,64 @@ async fn a_sidecar_refuses_a_control_plane_with_another_identity() {
     assert!(
         result.is_err(),
         "connected to a control plane that is not the expected one"
+    );
+}
+
+#[tokio::test]
+async fn a_valid_svid_renews_itself_without_a_token_and_only_for_its_own_id() {
+    let cp = control_plane().await;
+    let mut client = client(&cp, CONTROL_PLANE).await.unwrap();
+    // A token that is about to run out: renewal must not depend on it.
+    let token = cp
+        .tokens
+        .mint(&td(), "shop", "payment", Duration::from_secs(120), SystemTime::now())
+        .unwrap();
+    let key = WorkloadKey::generate().unwrap();
+    let first = client
+        .certify(request(Some(token), PAYMENT, PAYMENT, &key))
+        .await
+        .unwrap()
+        .into_inner();
+    let svid = Svid::new(
+        std::iter::once(first.leaf)
+            .chain(first.chain)
+            .map(Into::into)
+            .collect(),
+        key.private_key_der(),
+    )
+    .unwrap();
+    let creds = Credentials::with_svid(svid, cp.bundle.clone());
+    let mut renewing = client_with(&cp, CONTROL_PLANE, creds).await.unwrap();
+
+    let next_key = WorkloadKey::generate().unwrap();
+    let renewed = renewing
+        .certify(request(None, PAYMENT, PAYMENT, &next_key))
+        .await
+        .unwrap()
+        .into_inner();
+    // The mesh default (an hour here), not the two minutes the token had left.
+    assert!(renewed.valid_until_unix > first.valid_until_unix + 1800);
+    let svid = Svid::new(
+        std::iter::once(renewed.leaf)
+            .chain(renewed.chain)
+            .map(Into::into)
+            .collect(),
+        next_key.private_key_der(),
+    )
+    .unwrap();
+    assert_eq!(svid.id().as_str(), PAYMENT);
+
+    // The SVID proves payment, and nothing else.
+    let status = renewing
+        .certify(request(None, ORDER, ORDER, &next_key))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert!(
+        status
+            .message()
+            .contains(&format!("the credential is for {PAYMENT}, not {ORDER}")),
+        "{}",
+        status.message()
     );
 }
