@@ -7,7 +7,10 @@
 #![allow(missing_debug_implementations)]
 
 pub mod apps;
+pub mod control_plane;
 pub mod mesh;
+pub mod process;
+pub mod relay;
 /// The CA crate's own test PKI (operator-style root + intermediate that can also
 /// forge leaves), shared rather than written twice.
 #[path = "../../ca/tests/pki/mod.rs"]
