@@ -111,7 +111,7 @@ pub struct BackendConfig {
 }
 
 /// Inbound authorization: which callers the local app accepts.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, Hash)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct InboundConfig {
     /// What happens to a caller no rule allows.
@@ -122,7 +122,7 @@ pub struct InboundConfig {
     pub allow: Vec<AllowConfig>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, Hash)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum AuthorizationDefault {
     /// No AuthorizationPolicy for this service and MeshConfig says allow.
@@ -132,7 +132,7 @@ pub enum AuthorizationDefault {
 }
 
 /// One allow rule: a caller matching any `from` doing any `to`. An empty list matches all.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, Hash)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AllowConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -142,7 +142,7 @@ pub struct AllowConfig {
 }
 
 /// A caller: an exact SPIFFE id, or any identity of a namespace.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, Hash)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SourceConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -152,7 +152,7 @@ pub struct SourceConfig {
 }
 
 /// Methods and paths (a trailing `*` matches a prefix, otherwise exact); empty: any.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, Hash)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OperationConfig {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

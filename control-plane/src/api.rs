@@ -236,8 +236,12 @@ impl OperatorApi {
 
     async fn apply(&self, req: Request<Incoming>) -> Result<Answer, Refusal> {
         let body = Self::body(req).await?;
-        let text = std::str::from_utf8(&body)
-            .map_err(|e| error(StatusCode::BAD_REQUEST, format!("the body is not UTF-8: {e}")))?;
+        let text = std::str::from_utf8(&body).map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                format!("the body is not UTF-8: {e}"),
+            )
+        })?;
         let documents = parse_documents(text).map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
         if documents.is_empty() {
             return Err(error(StatusCode::BAD_REQUEST, "no documents to apply"));
@@ -278,7 +282,13 @@ impl OperatorApi {
             })
             .collect();
         for c in &changes {
-            tracing::info!(kind = c.kind, namespace = c.namespace, name = c.name, change = c.change, "applied");
+            tracing::info!(
+                kind = c.kind,
+                namespace = c.namespace,
+                name = c.name,
+                change = c.change,
+                "applied"
+            );
         }
         Ok(answer(
             StatusCode::OK,
@@ -287,8 +297,11 @@ impl OperatorApi {
     }
 
     fn key(kind: &'static str, name: &str, query: Option<&str>) -> ResourceKey {
-        let namespace = (kind != "MeshConfig")
-            .then(|| query_param(query, "namespace").unwrap_or("default").to_string());
+        let namespace = (kind != "MeshConfig").then(|| {
+            query_param(query, "namespace")
+                .unwrap_or("default")
+                .to_string()
+        });
         ResourceKey {
             kind: kind.to_string(),
             namespace,
@@ -330,7 +343,9 @@ impl OperatorApi {
         let store = self.store.clone();
         let target = key.clone();
         let removed = tokio::task::spawn_blocking(move || {
-            store.delete(&target).and_then(|removed| Ok((removed, store.revision()?)))
+            store
+                .delete(&target)
+                .and_then(|removed| Ok((removed, store.revision()?)))
         })
         .await
         .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))?;
@@ -343,10 +358,7 @@ impl OperatorApi {
             Ok((false, _)) => Err(error(StatusCode::NOT_FOUND, format!("{key} not found"))),
             Err(StoreError::Invalid(invalid)) => Err(error(
                 StatusCode::CONFLICT,
-                format!(
-                    "{key} is still needed: {}",
-                    StoreError::Invalid(invalid)
-                ),
+                format!("{key} is still needed: {}", StoreError::Invalid(invalid)),
             )),
             Err(e) => Err(store_failure(e)),
         }

@@ -21,7 +21,7 @@ use trellis_api::config::{
 };
 use trellis_crds::{
     AuthorizationPolicy, DefaultAuthorization, DestinationPolicy, Document, MeshConfigSpec, Mtls,
-    TrafficRoute,
+    RouteRule, TrafficRoute,
 };
 
 use crate::{
@@ -75,114 +75,153 @@ fn namespace_of(meta: &ObjectMeta) -> &str {
     meta.namespace.as_deref().unwrap_or("default")
 }
 
-/// Builds the config of every proxy of `group`.
-pub fn compile(group: &Group, resources: &Resources, endpoints: &[EndpointView]) -> ProxyConfig {
-    // A service is callable once it has an instance or a resource describing it.
-    let mut services: BTreeSet<(String, String)> = endpoints
-        .iter()
-        .map(|e| (e.namespace.clone(), e.service.clone()))
-        .collect();
-    for p in &resources.policies {
-        services.insert((namespace_of(&p.metadata).into(), p.spec.service.clone()));
-    }
-    for r in &resources.routes {
-        let ns = namespace_of(&r.metadata);
-        services.insert((ns.into(), r.spec.service.clone()));
-        for rule in &r.spec.rules {
-            for backend in &rule.backends {
+/// Every callable service of the mesh, built once per round and shared by every group.
+/// A service is callable once it has an instance or a resource describing it.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    /// By (namespace, service); route backends name services of the same namespace.
+    services: BTreeMap<(String, String), ServiceConfig>,
+    mtls: MtlsMode,
+}
+
+impl Catalog {
+    pub fn new(resources: &Resources, endpoints: &[EndpointView]) -> Self {
+        let mut services: BTreeMap<(String, String), ServiceConfig> = BTreeMap::new();
+        let mut entry = |namespace: &str, service: &str| {
+            services
+                .entry((namespace.to_string(), service.to_string()))
+                .or_insert_with(|| ServiceConfig {
+                    namespace: namespace.to_string(),
+                    ..ServiceConfig::default()
+                });
+        };
+        for e in endpoints {
+            entry(&e.namespace, &e.service);
+        }
+        for p in &resources.policies {
+            entry(namespace_of(&p.metadata), &p.spec.service);
+        }
+        for r in &resources.routes {
+            let ns = namespace_of(&r.metadata);
+            entry(ns, &r.spec.service);
+            for backend in r.spec.rules.iter().flat_map(|rule| &rule.backends) {
                 if let Some(other) = &backend.service {
-                    services.insert((ns.into(), other.clone()));
+                    entry(ns, other);
                 }
             }
         }
-    }
-    // Services of the proxy's own namespace go by their name, others by `name.namespace`,
-    // which is also how the proxy resolves a host.
-    let key = |namespace: &str, service: &str| {
-        if namespace == group.namespace {
-            service.to_string()
-        } else {
-            format!("{service}.{namespace}")
+        // Unready instances are withdrawn: peers never see them.
+        for e in endpoints.iter().filter(|e| e.healthy) {
+            if let Some(service) = services.get_mut(&(e.namespace.clone(), e.service.clone())) {
+                service.endpoints.push(EndpointConfig {
+                    address: e.address,
+                    identity: e.identity.clone(),
+                    labels: e.labels.clone(),
+                });
+            }
         }
-    };
-
-    let mut config = ProxyConfig {
-        version: String::new(),
-        mtls: match resources.mesh.as_ref().map(|m| m.mtls) {
+        for p in &resources.policies {
+            let key = (
+                namespace_of(&p.metadata).to_string(),
+                p.spec.service.clone(),
+            );
+            if let Some(service) = services.get_mut(&key) {
+                for s in &p.spec.subsets {
+                    service.subsets.insert(s.name.clone(), s.labels.clone());
+                }
+            }
+        }
+        for r in &resources.routes {
+            let key = (
+                namespace_of(&r.metadata).to_string(),
+                r.spec.service.clone(),
+            );
+            let Some(service) = services.get_mut(&key) else {
+                continue;
+            };
+            for rule in &r.spec.rules {
+                let index = service.routes.len();
+                service.routes.push(route(index, rule));
+            }
+        }
+        let mtls = match resources.mesh.as_ref().map(|m| m.mtls) {
             Some(Mtls::Permissive) => MtlsMode::Permissive,
             Some(Mtls::Strict) | None => MtlsMode::Strict,
-        },
-        services: BTreeMap::new(),
-        inbound: inbound(group, resources),
-    };
-    for (namespace, service) in services {
-        let endpoints = endpoints
+        };
+        Self { services, mtls }
+    }
+
+    /// The config of a proxy in `namespace`: services of its own namespace go by their
+    /// name, others by `name.namespace`, which is also how the proxy resolves a host.
+    pub fn config_for(&self, namespace: &str, inbound: InboundConfig) -> ProxyConfig {
+        let key = |ns: &str, service: &str| {
+            if ns == namespace {
+                service.to_string()
+            } else {
+                format!("{service}.{ns}")
+            }
+        };
+        let services = self
+            .services
             .iter()
-            .filter(|e| e.healthy && e.service == service && e.namespace == namespace)
-            .map(|e| EndpointConfig {
-                address: e.address,
-                identity: e.identity.clone(),
-                labels: e.labels.clone(),
+            .map(|((ns, name), service)| {
+                let mut service = service.clone();
+                for backend in service.routes.iter_mut().flat_map(|r| &mut r.backends) {
+                    if let Some(other) = &mut backend.service {
+                        *other = key(ns, other);
+                    }
+                }
+                (key(ns, name), service)
             })
             .collect();
-        let subsets = resources
-            .policies
-            .iter()
-            .filter(|p| p.spec.service == service && namespace_of(&p.metadata) == namespace)
-            .flat_map(|p| &p.spec.subsets)
-            .map(|s| (s.name.clone(), s.labels.clone()))
-            .collect();
-        let routes = resources
-            .routes
-            .iter()
-            .filter(|r| r.spec.service == service && namespace_of(&r.metadata) == namespace)
-            .flat_map(|r| r.spec.rules.iter())
-            .enumerate()
-            .map(|(index, rule)| RouteConfig {
-                name: rule.name.clone().unwrap_or_else(|| index.to_string()),
-                matches: rule
-                    .matches
-                    .as_ref()
-                    .map(|m| RouteMatchConfig {
-                        path_prefix: m.path_prefix.clone(),
-                        path_exact: m.path_exact.clone(),
-                        path_regex: m.path_regex.clone(),
-                        method: m.method.clone(),
-                        headers: m
-                            .headers
-                            .iter()
-                            .map(|h| HeaderMatchConfig {
-                                name: h.name.clone(),
-                                exact: h.exact.clone(),
-                                prefix: h.prefix.clone(),
-                                regex: h.regex.clone(),
-                            })
-                            .collect(),
-                    })
-                    .unwrap_or_default(),
-                backends: rule
-                    .backends
+        ProxyConfig {
+            version: String::new(),
+            mtls: self.mtls,
+            services,
+            inbound,
+        }
+    }
+}
+
+fn route(index: usize, rule: &RouteRule) -> RouteConfig {
+    RouteConfig {
+        name: rule.name.clone().unwrap_or_else(|| index.to_string()),
+        matches: rule
+            .matches
+            .as_ref()
+            .map(|m| RouteMatchConfig {
+                path_prefix: m.path_prefix.clone(),
+                path_exact: m.path_exact.clone(),
+                path_regex: m.path_regex.clone(),
+                method: m.method.clone(),
+                headers: m
+                    .headers
                     .iter()
-                    .map(|b| BackendConfig {
-                        service: b.service.as_deref().map(|s| key(&namespace, s)),
-                        subset: b.subset.clone(),
-                        weight: b.weight,
+                    .map(|h| HeaderMatchConfig {
+                        name: h.name.clone(),
+                        exact: h.exact.clone(),
+                        prefix: h.prefix.clone(),
+                        regex: h.regex.clone(),
                     })
                     .collect(),
-                timeout: rule.timeout.clone(),
             })
-            .collect();
-        config.services.insert(
-            key(&namespace, &service),
-            ServiceConfig {
-                namespace,
-                endpoints,
-                subsets,
-                routes,
-            },
-        );
+            .unwrap_or_default(),
+        backends: rule
+            .backends
+            .iter()
+            .map(|b| BackendConfig {
+                service: b.service.clone(),
+                subset: b.subset.clone(),
+                weight: b.weight,
+            })
+            .collect(),
+        timeout: rule.timeout.clone(),
     }
-    config
+}
+
+/// Builds the config of every proxy of `group`.
+pub fn compile(group: &Group, resources: &Resources, endpoints: &[EndpointView]) -> ProxyConfig {
+    Catalog::new(resources, endpoints).config_for(&group.namespace, inbound(group, resources))
 }
 
 fn inbound(group: &Group, resources: &Resources) -> InboundConfig {
@@ -193,9 +232,7 @@ fn inbound(group: &Group, resources: &Resources) -> InboundConfig {
     let allow = resources
         .authorization
         .iter()
-        .filter(|a| {
-            a.spec.service == group.service && namespace_of(&a.metadata) == group.namespace
-        })
+        .filter(|a| a.spec.service == group.service && namespace_of(&a.metadata) == group.namespace)
         .flat_map(|a| &a.spec.rules)
         .map(|rule| AllowConfig {
             from: rule
@@ -217,9 +254,10 @@ fn inbound(group: &Group, resources: &Resources) -> InboundConfig {
         })
         .collect();
     // A service with any policy allows only what a rule allows.
-    let has_policy = resources.authorization.iter().any(|a| {
-        a.spec.service == group.service && namespace_of(&a.metadata) == group.namespace
-    });
+    let has_policy = resources
+        .authorization
+        .iter()
+        .any(|a| a.spec.service == group.service && namespace_of(&a.metadata) == group.namespace);
     InboundConfig {
         default: if has_policy {
             AuthorizationDefault::Deny
@@ -322,11 +360,14 @@ impl Compiler {
         let start = Instant::now();
         let resources = Resources::from_documents(self.store.list(None)?);
         if let Some(ttl) = resources.cert_ttl() {
-            self.cert_ttl.send_if_modified(|current| {
-                std::mem::replace(current, ttl) != ttl
-            });
+            self.cert_ttl
+                .send_if_modified(|current| std::mem::replace(current, ttl) != ttl);
         }
         let endpoints = self.registry.endpoints();
+        let catalog = Catalog::new(&resources, &endpoints);
+        // Groups of one namespace without authorization policies of their own get the
+        // same config: compile and encode it once.
+        let mut sealed: HashMap<(String, InboundConfig), Arc<Snapshot>> = HashMap::new();
         let mut wanted: BTreeSet<Group> = self.registry.groups().into_iter().collect();
         let mut groups = self.groups.lock();
         // Groups nobody watches any more are dropped; groups with proxies are built even
@@ -335,15 +376,24 @@ impl Compiler {
         wanted.extend(groups.keys().cloned());
         let mut pushed = 0u64;
         for group in wanted {
-            let snapshot = seal(compile(&group, &resources, &endpoints));
+            let inbound = inbound(&group, &resources);
+            let snapshot = sealed
+                .entry((group.namespace.clone(), inbound))
+                .or_insert_with_key(|(namespace, inbound)| {
+                    Arc::new(seal(catalog.config_for(namespace, inbound.clone())))
+                })
+                .clone();
             let sender = groups
                 .entry(group)
                 .or_insert_with(|| watch::channel(None).0);
             let modified = sender.send_if_modified(|current| {
-                if current.as_ref().is_some_and(|c| c.version == snapshot.version) {
+                if current
+                    .as_ref()
+                    .is_some_and(|c| c.version == snapshot.version)
+                {
                     return false;
                 }
-                *current = Some(Arc::new(snapshot));
+                *current = Some(snapshot);
                 true
             });
             pushed += u64::from(modified);
@@ -465,7 +515,10 @@ spec:
         let a = seal(compile(&web(), &Resources::default(), &endpoints));
         let b = seal(compile(&web(), &Resources::default(), &endpoints));
         assert_eq!(a, b);
-        let more = vec![endpoint("api", "default", 1, "v1"), endpoint("api", "default", 2, "v1")];
+        let more = vec![
+            endpoint("api", "default", 1, "v1"),
+            endpoint("api", "default", 2, "v1"),
+        ];
         let c = seal(compile(&web(), &Resources::default(), &more));
         assert_ne!(a.version, c.version);
         let decoded = ProxyConfig::from_json(&c.json).unwrap();

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
 use trellis_api::discovery::v1::{
-    Ack, ConfigPush, Hello, Heartbeat, Nack, ReportRequest, ReportResponse, SubscribeRequest,
+    Ack, ConfigPush, Heartbeat, Hello, Nack, ReportRequest, ReportResponse, SubscribeRequest,
     discovery_server::Discovery, subscribe_request::Kind,
 };
 use trellis_ca::{SpiffeId, TrustDomain};
@@ -210,9 +210,7 @@ impl Session {
     async fn run(
         self,
         mut incoming: Streaming<SubscribeRequest>,
-        mut snapshots: tokio::sync::watch::Receiver<
-            Option<Arc<crate::compiler::Snapshot>>,
-        >,
+        mut snapshots: tokio::sync::watch::Receiver<Option<Arc<crate::compiler::Snapshot>>>,
         tx: mpsc::Sender<Result<ConfigPush, Status>>,
     ) {
         let mut deadline = tokio::time::Instant::now() + self.heartbeat_timeout;

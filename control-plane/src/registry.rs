@@ -237,9 +237,7 @@ impl Registry {
             .values()
             .map(|e| {
                 let state = match (&e.latest, &e.acked, &e.nack) {
-                    (Some(latest), _, Some(nack)) if &nack.version == latest => {
-                        ConfigState::Nacked
-                    }
+                    (Some(latest), _, Some(nack)) if &nack.version == latest => ConfigState::Nacked,
                     (Some(latest), Some(acked), _) if acked == latest => ConfigState::Acked,
                     _ => ConfigState::Pending,
                 };

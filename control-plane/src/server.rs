@@ -99,7 +99,10 @@ fn api_token(data_dir: &Path) -> Result<String, ServerError> {
             let token = std::fs::read_to_string(&path).map_err(|e| file_error(&path, e))?;
             let token = token.trim().to_string();
             if token.len() < 32 {
-                return Err(file_error(&path, "the API token is shorter than 32 characters"));
+                return Err(file_error(
+                    &path,
+                    "the API token is shorter than 32 characters",
+                ));
             }
             Ok(token)
         }
@@ -210,6 +213,10 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
             trust_domain.as_str()
         )));
     }
+    // The keys inside are 0600 already; the folder says so too.
+    let ca_dir = data_dir.join("ca");
+    std::fs::set_permissions(&ca_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| file_error(&ca_dir, e))?;
     let authority = Arc::new(authority);
     let tokens = Arc::new(JoinTokens::new(&store.secret("join-token", 32)?));
     let token = api_token(&data_dir)?;
@@ -261,8 +268,7 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
         local(&admin_listener),
     );
 
-    let identity =
-        IdentityService::with_ttl_source(authority.clone(), tokens.clone(), cert_ttl_rx);
+    let identity = IdentityService::with_ttl_source(authority.clone(), tokens.clone(), cert_ttl_rx);
     let discovery = DiscoveryService::new(
         trust_domain.clone(),
         registry.clone(),
@@ -290,7 +296,11 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
         authority,
     });
     tokio::spawn(api.serve(api_listener, shutdown.clone()));
-    tokio::spawn(crate::admin::serve(admin_listener, metrics, shutdown.clone()));
+    tokio::spawn(crate::admin::serve(
+        admin_listener,
+        metrics,
+        shutdown.clone(),
+    ));
 
     for (name, addr) in [
         ("grpc-addr", grpc_addr),
