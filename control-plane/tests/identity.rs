@@ -263,7 +263,13 @@ async fn a_valid_svid_renews_itself_without_a_token_and_only_for_its_own_id() {
     // A token that is about to run out: renewal must not depend on it.
     let token = cp
         .tokens
-        .mint(&td(), "shop", "payment", Duration::from_secs(120), SystemTime::now())
+        .mint(
+            &td(),
+            "shop",
+            "payment",
+            Duration::from_secs(120),
+            SystemTime::now(),
+        )
         .unwrap();
     let key = WorkloadKey::generate().unwrap();
     let first = client

@@ -93,7 +93,12 @@ impl ControlPlane {
     }
 
     /// One operator API call with the bearer token; the answer's status and JSON.
-    pub async fn call(&self, method: Method, path: &str, body: Option<&str>) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&str>,
+    ) -> (StatusCode, Value) {
         self.call_with_token(method, path, body, Some(&self.token))
             .await
     }

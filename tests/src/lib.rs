@@ -9,12 +9,12 @@
 pub mod apps;
 pub mod control_plane;
 pub mod mesh;
-pub mod process;
-pub mod relay;
 /// The CA crate's own test PKI (operator-style root + intermediate that can also
 /// forge leaves), shared rather than written twice.
 #[path = "../../ca/tests/pki/mod.rs"]
 pub mod pki;
+pub mod process;
+pub mod relay;
 
 /// The test workloads' gRPC API.
 #[allow(clippy::all, unreachable_pub, missing_debug_implementations)]

@@ -119,14 +119,19 @@ async fn forged_and_foreign_join_tokens_get_no_certificate() {
     let mut spec = MeshSidecarSpec::new("b", app);
     spec.join_token = Some(cp.join_token_file("a", "1h").await);
     let mut impostor = cp.sidecar(spec).await;
-    assert_eq!(admin_get(impostor.admin, "/ready").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        admin_get(impostor.admin, "/ready").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     // Either the sidecar refuses to ask for someone else's id, or the CA refuses it.
     let refusal = impostor
         .process
         .wait_for_log(|l| l["level"] == "ERROR" || l["level"] == "WARN")
         .expect("a refusal is logged");
     assert!(
-        refusal.to_string().contains("spiffe://cluster.local/ns/default/sa/a"),
+        refusal
+            .to_string()
+            .contains("spiffe://cluster.local/ns/default/sa/a"),
         "{refusal}"
     );
 
@@ -134,7 +139,11 @@ async fn forged_and_foreign_join_tokens_get_no_certificate() {
     let good = std::fs::read_to_string(cp.join_token_file("b", "1h").await).unwrap();
     let (signed, _) = good.rsplit_once('.').unwrap();
     let forged = dir.path().join("forged.token");
-    std::fs::write(&forged, format!("{signed}.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")).unwrap();
+    std::fs::write(
+        &forged,
+        format!("{signed}.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+    )
+    .unwrap();
     let mut spec = MeshSidecarSpec::new("b", app);
     spec.join_token = Some(forged);
     let mut forger = cp.sidecar(spec).await;
@@ -143,8 +152,14 @@ async fn forged_and_foreign_join_tokens_get_no_certificate() {
         .wait_for_log(|l| l.to_string().contains("signature"))
         .expect("the forged token's refusal is logged");
     assert!(refusal.to_string().contains("signature"), "{refusal}");
-    assert_eq!(admin_get(forger.admin, "/ready").await.0, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(cp.proxies().await.is_empty(), "no certificate, no subscription");
+    assert_eq!(
+        admin_get(forger.admin, "/ready").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert!(
+        cp.proxies().await.is_empty(),
+        "no certificate, no subscription"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,7 +176,11 @@ async fn the_api_refuses_requests_without_the_bearer_token() {
             let (status, answer) = cp
                 .call_with_token(method.clone(), path, Some("{}"), token)
                 .await;
-            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path} with {token:?}");
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} with {token:?}"
+            );
             assert!(answer["error"].as_str().unwrap().contains("bearer token"));
         }
     }
@@ -240,7 +259,9 @@ async fn versions_served(via: &MeshSidecar, n: usize) -> Vec<String> {
 async fn a_routing_change_reaches_every_sidecar_within_a_second_and_traffic_follows() {
     let dir = tempfile::tempdir().unwrap();
     let cp = ControlPlane::start(dir.path(), &ControlPlaneSpec::default());
-    let (status, answer) = cp.apply(&format!("{WEB_POLICY}---\n{}", web_route("v1"))).await;
+    let (status, answer) = cp
+        .apply(&format!("{WEB_POLICY}---\n{}", web_route("v1")))
+        .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     let (v1_app, _) = apps::http_app("web-v1", Duration::ZERO).await;
     let (v2_app, _) = apps::http_app("web-v2", Duration::ZERO).await;
@@ -287,7 +308,10 @@ async fn a_routing_change_reaches_every_sidecar_within_a_second_and_traffic_foll
     let (status, answer) = cp.apply(&bad).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
     let error = answer["error"].as_str().unwrap();
-    assert!(error.contains("spec.rules[0].backends[0].subset"), "{error}");
+    assert!(
+        error.contains("spec.rules[0].backends[0].subset"),
+        "{error}"
+    );
     let (_, route) = cp
         .call(Method::GET, "/v1/resources/trafficroute/web", None)
         .await;
@@ -320,7 +344,11 @@ async fn traffic_survives_the_control_plane_dying_and_sidecars_reconnect_to_its_
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let response = get(outbound, "web", "/").await;
-                let counter = if response.status() == StatusCode::OK { &ok } else { &failed };
+                let counter = if response.status() == StatusCode::OK {
+                    &ok
+                } else {
+                    &failed
+                };
                 counter.fetch_add(1, Ordering::Relaxed);
             }
         })
@@ -331,7 +359,10 @@ async fn traffic_survives_the_control_plane_dying_and_sidecars_reconnect_to_its_
     // The control plane is gone: traffic keeps flowing on the last config and certs.
     let deadline = Instant::now() + Duration::from_secs(20);
     while ok.load(Ordering::Relaxed) < at_kill + 200 {
-        assert!(Instant::now() < deadline, "traffic stalled without the control plane");
+        assert!(
+            Instant::now() < deadline,
+            "traffic stalled without the control plane"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
@@ -345,7 +376,11 @@ async fn traffic_survives_the_control_plane_dying_and_sidecars_reconnect_to_its_
     let (status, policy) = cp
         .call(Method::GET, "/v1/resources/destinationpolicy/web", None)
         .await;
-    assert_eq!(status, StatusCode::OK, "the applied policy survived: {policy}");
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the applied policy survived: {policy}"
+    );
     assert_eq!(policy["spec"]["subsets"][1]["name"], "v2");
     cp.converged(2).await;
     stop.store(true, Ordering::Relaxed);
@@ -392,7 +427,10 @@ async fn a_vanished_sidecar_leaves_the_others_endpoints_within_the_heartbeat_tim
     killed.process.kill();
     let deadline = Instant::now() + Duration::from_secs(2);
     while web_endpoints().await != [frozen.inbound.to_string()] {
-        assert!(Instant::now() < deadline, "the dead sidecar was not removed");
+        assert!(
+            Instant::now() < deadline,
+            "the dead sidecar was not removed"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 
@@ -406,9 +444,15 @@ async fn a_vanished_sidecar_leaves_the_others_endpoints_within_the_heartbeat_tim
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert!(stopped.elapsed() >= Duration::from_millis(1000), "removed before its timeout");
+    assert!(
+        stopped.elapsed() >= Duration::from_millis(1000),
+        "removed before its timeout"
+    );
     let endpoints = cp.endpoints().await;
-    assert!(endpoints.iter().all(|e| e["service"] != "web"), "{endpoints:#?}");
+    assert!(
+        endpoints.iter().all(|e| e["service"] != "web"),
+        "{endpoints:#?}"
+    );
     let response = get(a.outbound, "web", "/").await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(header_of(&response, "x-trellis-error"), "no-endpoints");
@@ -463,11 +507,19 @@ async fn certificates_rotate_under_a_long_stream_and_new_connections_get_the_new
         serials.push(renewed["serial"].to_string());
         // A new connection to b is served with the certificate just issued.
         let presented = inbound_serial(&cp, b.inbound).await;
-        assert_eq!(presented, renewed["serial"].as_str().unwrap(), "round {round}");
+        assert_eq!(
+            presented,
+            renewed["serial"].as_str().unwrap(),
+            "round {round}"
+        );
     }
     serials.dedup();
     assert_eq!(serials.len(), 3, "three distinct certificates: {serials:?}");
-    tx.send(Message { text: "last".into() }).await.unwrap();
+    tx.send(Message {
+        text: "last".into(),
+    })
+    .await
+    .unwrap();
     let reply = within("reply", replies.message()).await.unwrap().unwrap();
     assert_eq!(reply.text, "last");
 }
@@ -504,7 +556,10 @@ async fn inbound_serial(cp: &ControlPlane, inbound: SocketAddr) -> String {
         .unwrap();
     let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
-    cert.raw_serial().iter().map(|b| format!("{b:02x}")).collect()
+    cert.raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -523,12 +578,17 @@ async fn a_config_the_sidecar_cannot_use_is_nacked_shown_and_the_old_one_keeps_s
 
     // From now on a gets configs with a field it does not know (a newer control plane).
     relay.corrupt.store(true, Ordering::Relaxed);
-    let (status, answer) = cp.apply(&format!("{WEB_POLICY}---\n{}", web_route("v1"))).await;
+    let (status, answer) = cp
+        .apply(&format!("{WEB_POLICY}---\n{}", web_route("v1")))
+        .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     let deadline = Instant::now() + Duration::from_secs(10);
     let nacked = loop {
         let proxies = cp.proxies().await;
-        if let Some(p) = proxies.iter().find(|p| p["service"] == "a" && p["state"] == "NACKED") {
+        if let Some(p) = proxies
+            .iter()
+            .find(|p| p["service"] == "a" && p["state"] == "NACKED")
+        {
             break p.clone();
         }
         assert!(Instant::now() < deadline, "no NACK shown: {proxies:#?}");
