@@ -1,0 +1,188 @@
+//! Command-line flags. The connection flags are global: they may come before or after
+//! the command, and each has a `TRELLIS_*` environment variable.
+
+use std::{path::PathBuf, time::Duration};
+
+use crate::kinds::{Kind, Target};
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "trellisctl",
+    version,
+    about = "Operate a Trellis mesh through the control plane's API",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectionArgs {
+    /// The control plane's data dir; its `api-addr` and `api-token` files are read
+    /// when --api-addr and --token are not given.
+    #[arg(
+        long,
+        global = true,
+        env = "TRELLIS_DATA_DIR",
+        default_value = "./.trellis",
+        value_name = "DIR"
+    )]
+    pub data_dir: PathBuf,
+
+    /// The operator API, `ip:port` [default: <data-dir>/api-addr, else 127.0.0.1:15011].
+    #[arg(long, global = true, env = "TRELLIS_API_ADDR", value_name = "ADDR")]
+    pub api_addr: Option<String>,
+
+    /// The API's bearer token [default: the contents of <data-dir>/api-token].
+    #[arg(
+        long,
+        global = true,
+        env = "TRELLIS_API_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
+
+    /// How long a request may take, connecting included.
+    #[arg(
+        long,
+        global = true,
+        env = "TRELLIS_API_TIMEOUT",
+        default_value = "10s",
+        value_parser = duration
+    )]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Apply resources from files, directories or stdin, all or nothing.
+    Apply(ApplyArgs),
+    /// List resources, endpoints or proxies, or show one resource.
+    Get(GetArgs),
+    /// Delete a resource.
+    Delete(DeleteArgs),
+    /// Join tokens for sidecars.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Check that the control plane, its CA and every proxy are healthy.
+    Check,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApplyArgs {
+    /// A YAML or JSON file, a directory (every *.yaml, *.yml and *.json under it), or
+    /// `-` for stdin. May be repeated; everything is applied as one batch.
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE|DIR|-",
+        required = true
+    )]
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct GetArgs {
+    /// meshconfig (mc), destinationpolicy (dp), trafficroute (tr), authorizationpolicy
+    /// (authz), canary (can), endpoints (ep) or proxies (px); plurals work too.
+    #[arg(value_parser = Target::parse)]
+    pub kind: Target,
+
+    /// One resource by name; for endpoints and proxies, only this service's.
+    pub name: Option<String>,
+
+    /// The namespace [default: default].
+    #[arg(short, long, value_name = "NS", conflicts_with = "all_namespaces")]
+    pub namespace: Option<String>,
+
+    /// Every namespace.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = OutputFormat::Table, value_name = "FORMAT")]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DeleteArgs {
+    /// The resource's kind, under any of the names `get` takes.
+    #[arg(value_parser = Kind::parse)]
+    pub kind: Kind,
+
+    pub name: String,
+
+    /// The namespace (ignored for meshconfig).
+    #[arg(short, long, value_name = "NS", default_value = "default")]
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum TokenCommand {
+    /// Mint a join token for a sidecar of one service; prints only the token.
+    Create(TokenCreateArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TokenCreateArgs {
+    /// The service the sidecar will run for; its identity is ns/<namespace>/sa/<service>.
+    #[arg(long, value_name = "NAME")]
+    pub service: String,
+
+    /// The service's namespace [default: default].
+    #[arg(long, value_name = "NS")]
+    pub namespace: Option<String>,
+
+    /// How long the token may be used, e.g. 10m, 1h, 7d [default: 1h].
+    #[arg(long, value_name = "DURATION")]
+    pub ttl: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+    Yaml,
+}
+
+fn duration(value: &str) -> Result<Duration, String> {
+    match trellis_api::duration::parse(value) {
+        Ok(d) if d.is_zero() => Err("must be longer than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
+
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[test]
+    fn the_flags_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn connection_flags_go_before_or_after_the_command() {
+        let cli =
+            Cli::try_parse_from(["trellisctl", "get", "tr", "--api-addr", "127.0.0.1:1"]).unwrap();
+        assert_eq!(cli.connection.api_addr.as_deref(), Some("127.0.0.1:1"));
+        let cli = Cli::try_parse_from(["trellisctl", "--timeout", "2s", "check"]).unwrap();
+        assert_eq!(cli.connection.timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn namespace_and_all_namespaces_exclude_each_other() {
+        let e = Cli::try_parse_from(["trellisctl", "get", "tr", "-n", "shop", "-A"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+}

@@ -1,0 +1,140 @@
+//! `trellisctl`: the operator CLI. It talks to the control plane's operator HTTP API
+//! (see `docs/control-plane.md`) with the bearer token from the data dir; commands
+//! are described in `docs/trellisctl.md`.
+
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod api;
+pub mod args;
+pub mod checks;
+pub mod commands;
+pub mod connection;
+pub mod error;
+pub mod kinds;
+pub mod manifests;
+pub mod table;
+pub mod views;
+
+use std::{io::Read, time::SystemTime};
+
+use clap::{ArgMatches, parser::ValueSource};
+
+use crate::{
+    api::Api,
+    args::{Command, ConnectionArgs, TokenCommand},
+};
+pub use crate::{
+    args::Cli,
+    commands::Outcome,
+    connection::{Endpoint, Given, Origin},
+    error::CliError,
+};
+
+/// Where `--api-addr` and `--token` came from when they were given: the flag or its
+/// environment variable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GivenOrigins {
+    pub api_addr: Origin,
+    pub token: Origin,
+}
+
+impl GivenOrigins {
+    /// Reads the origins from the parsed command line; global flags may sit on a
+    /// subcommand, so every level is asked.
+    pub fn from_matches(matches: &ArgMatches) -> Self {
+        let origin = |id: &str, flag: &'static str, env: &'static str| {
+            let mut level = Some(matches);
+            while let Some(m) = level {
+                if m.value_source(id) == Some(ValueSource::EnvVariable) {
+                    return Origin::Env(env);
+                }
+                level = m.subcommand().map(|(_, sub)| sub);
+            }
+            Origin::Flag(flag)
+        };
+        Self {
+            api_addr: origin("api_addr", "--api-addr", "TRELLIS_API_ADDR"),
+            token: origin("token", "--token", "TRELLIS_API_TOKEN"),
+        }
+    }
+}
+
+/// Runs one command: files and the data dir are read first, then the request is made
+/// on a single-threaded runtime.
+pub fn run(cli: Cli, origins: GivenOrigins, stdin: &mut dyn Read) -> Result<Outcome, CliError> {
+    let Cli {
+        connection,
+        command,
+    } = cli;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(CliError::Runtime)?;
+    let now = now_unix();
+    match command {
+        Command::Apply(args) => {
+            let sources = manifests::read_sources(&args.files, stdin)?;
+            manifests::check_sources(&sources)?;
+            let api = Api::new(endpoint(connection, origins)?);
+            runtime.block_on(commands::apply(&api, manifests::join(&sources)))
+        }
+        Command::Get(args) => {
+            let api = Api::new(endpoint(connection, origins)?);
+            runtime.block_on(commands::get(&api, args))
+        }
+        Command::Delete(args) => {
+            let api = Api::new(endpoint(connection, origins)?);
+            runtime.block_on(commands::delete(&api, args))
+        }
+        Command::Token(TokenCommand::Create(args)) => {
+            let api = Api::new(endpoint(connection, origins)?);
+            runtime.block_on(commands::token_create(&api, args, now))
+        }
+        Command::Check => {
+            let endpoint = endpoint(connection, origins);
+            Ok(runtime.block_on(commands::check(endpoint, now)))
+        }
+    }
+}
+
+/// Resolves the address, then the token, from flags, environment and the data dir.
+pub fn endpoint(connection: ConnectionArgs, origins: GivenOrigins) -> Result<Endpoint, CliError> {
+    let ConnectionArgs {
+        data_dir,
+        api_addr,
+        token,
+        timeout,
+    } = connection;
+    let GivenOrigins {
+        api_addr: addr_given,
+        token: token_given,
+    } = origins;
+    let (addr, addr_origin) = connection::resolve_addr(
+        api_addr.map(|value| Given {
+            value,
+            origin: addr_given,
+        }),
+        &data_dir,
+    )?;
+    let (token, token_origin) = connection::resolve_token(
+        token.map(|value| Given {
+            value,
+            origin: token_given,
+        }),
+        &data_dir,
+    )?;
+    Ok(Endpoint {
+        addr,
+        addr_origin,
+        token,
+        token_origin,
+        timeout,
+    })
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}

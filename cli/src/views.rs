@@ -1,0 +1,353 @@
+//! The tables `get` prints. They read the API's JSON loosely (a missing field prints
+//! `-`), so a newer control plane that adds fields never breaks an older CLI.
+
+use serde_json::Value;
+
+use crate::{kinds::Kind, table::Table};
+
+/// One row per resource, sorted by namespace and name: NAMESPACE, NAME, SERVICE and
+/// what matters most about the kind. MeshConfig has neither namespace nor service.
+pub fn resource_table(kind: Kind, items: &[Value]) -> Table {
+    let mut items: Vec<&Value> = items.iter().collect();
+    items.sort_by_key(|item| {
+        (
+            text(item, "/metadata/namespace"),
+            text(item, "/metadata/name"),
+        )
+    });
+    let mut table = match kind {
+        Kind::MeshConfig => Table::new(vec![
+            "NAME",
+            "TRUST-DOMAIN",
+            "MTLS",
+            "DEFAULT-AUTHORIZATION",
+        ]),
+        Kind::DestinationPolicy => Table::new(vec!["NAMESPACE", "NAME", "SERVICE", "SUBSETS"]),
+        Kind::TrafficRoute | Kind::AuthorizationPolicy => {
+            Table::new(vec!["NAMESPACE", "NAME", "SERVICE", "RULES"])
+        }
+        Kind::Canary => Table::new(vec!["NAMESPACE", "NAME", "SERVICE", "PHASE", "WEIGHT"]),
+    };
+    for item in items {
+        let namespace = text(item, "/metadata/namespace");
+        let namespace = if namespace == "-" {
+            "default".to_string()
+        } else {
+            namespace
+        };
+        let name = text(item, "/metadata/name");
+        let service = text(item, "/spec/service");
+        let row = match kind {
+            Kind::MeshConfig => vec![
+                name,
+                text(item, "/spec/trustDomain"),
+                text(item, "/spec/mtls"),
+                text(item, "/spec/defaultAuthorization"),
+            ],
+            Kind::DestinationPolicy => {
+                let subsets: Vec<String> = list(item, "/spec/subsets")
+                    .iter()
+                    .map(|subset| text(subset, "/name"))
+                    .collect();
+                let subsets = if subsets.is_empty() {
+                    "-".into()
+                } else {
+                    subsets.join(",")
+                };
+                vec![namespace, name, service, subsets]
+            }
+            Kind::TrafficRoute | Kind::AuthorizationPolicy => {
+                let rules = list(item, "/spec/rules").len().to_string();
+                vec![namespace, name, service, rules]
+            }
+            Kind::Canary => {
+                let weight = match item.pointer("/status/weight").and_then(Value::as_u64) {
+                    Some(weight) => format!("{weight}%"),
+                    None => "-".into(),
+                };
+                vec![
+                    namespace,
+                    name,
+                    service,
+                    text(item, "/status/phase"),
+                    weight,
+                ]
+            }
+        };
+        table.push(row);
+    }
+    table
+}
+
+/// The registry: every instance a sidecar announced, and whether it is healthy.
+pub fn endpoint_table(items: &[Value]) -> Table {
+    let mut table = Table::new(vec![
+        "NAMESPACE",
+        "SERVICE",
+        "INSTANCE",
+        "ADDRESS",
+        "HEALTHY",
+        "LABELS",
+        "IDENTITY",
+    ]);
+    for item in sorted_by_instance(items) {
+        let healthy = match item.get("healthy").and_then(Value::as_bool) {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "-",
+        };
+        let mut labels: Vec<String> = item
+            .get("labels")
+            .and_then(Value::as_object)
+            .map(|labels| {
+                labels
+                    .iter()
+                    .map(|(key, value)| format!("{key}={}", scalar(value)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        labels.sort();
+        let labels = if labels.is_empty() {
+            "-".into()
+        } else {
+            labels.join(",")
+        };
+        table.push(vec![
+            text(item, "/namespace"),
+            text(item, "/service"),
+            text(item, "/instance"),
+            text(item, "/address"),
+            healthy.into(),
+            labels,
+            text(item, "/identity"),
+        ]);
+    }
+    table
+}
+
+/// Connected sidecars and where each stands with its config; a NACK's error is shown
+/// in full, last, because it is what the operator must read.
+pub fn proxy_table(items: &[Value]) -> Table {
+    let mut table = Table::new(vec![
+        "NAMESPACE",
+        "SERVICE",
+        "INSTANCE",
+        "ADDRESS",
+        "PROXY-VERSION",
+        "CONNECTED",
+        "STATE",
+        "ACKED",
+        "LATEST",
+        "ERROR",
+    ]);
+    for item in sorted_by_instance(items) {
+        let connected = item
+            .get("connectedSeconds")
+            .and_then(Value::as_f64)
+            .map_or_else(|| "-".into(), |s| age(s as u64));
+        let state = text(item, "/state");
+        let error = match item.get("nack") {
+            Some(nack) if state == "NACKED" && !nack.is_null() => format!(
+                "{} (version {})",
+                text(nack, "/error"),
+                short_version(nack.get("version"))
+            ),
+            _ => String::new(),
+        };
+        table.push(vec![
+            text(item, "/namespace"),
+            text(item, "/service"),
+            text(item, "/instance"),
+            text(item, "/address"),
+            text(item, "/proxyVersion"),
+            connected,
+            state,
+            short_version(item.get("ackedVersion")),
+            short_version(item.get("latestVersion")),
+            error,
+        ]);
+    }
+    table
+}
+
+fn sorted_by_instance(items: &[Value]) -> Vec<&Value> {
+    let mut items: Vec<&Value> = items.iter().collect();
+    items.sort_by_key(|item| {
+        (
+            text(item, "/namespace"),
+            text(item, "/service"),
+            text(item, "/instance"),
+        )
+    });
+    items
+}
+
+/// The field at `pointer` as text, `-` when absent or null.
+pub fn text(value: &Value, pointer: &str) -> String {
+    value.pointer(pointer).map_or_else(|| "-".into(), scalar)
+}
+
+fn scalar(value: &Value) -> String {
+    match value {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn list<'a>(value: &'a Value, pointer: &str) -> &'a [Value] {
+    value
+        .pointer(pointer)
+        .and_then(Value::as_array)
+        .map_or(&[], Vec::as_slice)
+}
+
+/// Config versions are content digests; twelve characters tell them apart.
+fn short_version(version: Option<&Value>) -> String {
+    match version {
+        None | Some(Value::Null) => "-".into(),
+        Some(version) => scalar(version).chars().take(12).collect(),
+    }
+}
+
+/// A duration as `kubectl` shows ages: the two largest units, e.g. `5m3s`, `2h7m`, `3d4h`.
+pub fn age(seconds: u64) -> String {
+    let (d, h, m, s) = (
+        seconds / 86_400,
+        seconds / 3_600 % 24,
+        seconds / 60 % 60,
+        seconds % 60,
+    );
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) if s == 0 => format!("{m}m"),
+        (0, 0, _) => format!("{m}m{s}s"),
+        (0, _, 0) => format!("{h}h"),
+        (0, _, _) => format!("{h}h{m}m"),
+        (_, 0, _) => format!("{d}d"),
+        _ => format!("{d}d{h}h"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn resource_tables_show_the_kind_summary() {
+        let policy = json!({
+            "apiVersion": "trellis.dev/v1alpha1", "kind": "DestinationPolicy",
+            "metadata": {"name": "payment", "namespace": "shop"},
+            "spec": {"service": "payment", "subsets": [{"name": "v1"}, {"name": "v2"}]}
+        });
+        let bare = json!({"metadata": {"name": "cart"}, "spec": {"service": "cart"}});
+        assert_eq!(
+            resource_table(Kind::DestinationPolicy, &[policy, bare]).render(),
+            "NAMESPACE   NAME      SERVICE   SUBSETS\n\
+             default     cart      cart      -\n\
+             shop        payment   payment   v1,v2\n"
+        );
+
+        let route = json!({
+            "metadata": {"name": "web", "namespace": "default"},
+            "spec": {"service": "web", "rules": [{}, {}, {}]}
+        });
+        assert_eq!(
+            resource_table(Kind::TrafficRoute, &[route]).render(),
+            "NAMESPACE   NAME   SERVICE   RULES\n\
+             default     web    web       3\n"
+        );
+
+        let rolling = json!({
+            "metadata": {"name": "recs", "namespace": "shop"},
+            "spec": {"service": "recommendations"},
+            "status": {"phase": "Progressing", "weight": 25}
+        });
+        let fresh = json!({"metadata": {"name": "search", "namespace": "shop"},
+                           "spec": {"service": "search"}});
+        assert_eq!(
+            resource_table(Kind::Canary, &[rolling, fresh]).render(),
+            "NAMESPACE   NAME     SERVICE           PHASE         WEIGHT\n\
+             shop        recs     recommendations   Progressing   25%\n\
+             shop        search   search            -             -\n"
+        );
+
+        let mesh = json!({"metadata": {"name": "default"},
+            "spec": {"trustDomain": "cluster.local", "mtls": "STRICT",
+                     "defaultAuthorization": "allow-mesh"}});
+        assert_eq!(
+            resource_table(Kind::MeshConfig, &[mesh]).render(),
+            "NAME      TRUST-DOMAIN    MTLS     DEFAULT-AUTHORIZATION\n\
+             default   cluster.local   STRICT   allow-mesh\n"
+        );
+    }
+
+    #[test]
+    fn the_endpoint_table_shows_health_and_sorted_labels() {
+        let endpoints = [json!({
+            "service": "web", "namespace": "default", "instance": "web-1",
+            "address": "127.0.0.1:8001", "identity": "spiffe://cluster.local/ns/default/sa/web",
+            "labels": {"zone": "a", "version": "v1"}, "healthy": false
+        })];
+        let rendered = endpoint_table(&endpoints).render();
+        let lines: Vec<&str> = rendered.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "NAMESPACE   SERVICE   INSTANCE   ADDRESS          HEALTHY   LABELS              IDENTITY",
+                "default     web       web-1      127.0.0.1:8001   no        version=v1,zone=a   spiffe://cluster.local/ns/default/sa/web",
+            ]
+        );
+    }
+
+    #[test]
+    fn the_proxy_table_shows_a_nack_error_only_when_nacked() {
+        let proxies = [
+            json!({"service": "web", "namespace": "default", "instance": "web-2",
+                   "address": "127.0.0.1:8002", "proxyVersion": "0.1.0", "connectedSeconds": 3725,
+                   "latestVersion": "9f8e7d6c5b4a39281706", "ackedVersion": "0123456789abcdef",
+                   "nack": {"version": "9f8e7d6c5b4a39281706", "error": "route \"r\": no subset v9"},
+                   "state": "NACKED"}),
+            json!({"service": "web", "namespace": "default", "instance": "web-1",
+                   "address": "127.0.0.1:8001", "proxyVersion": "0.1.0", "connectedSeconds": 42,
+                   "latestVersion": "9f8e7d6c5b4a39281706", "ackedVersion": "9f8e7d6c5b4a39281706",
+                   "nack": null, "state": "ACKED"}),
+        ];
+        let rendered = proxy_table(&proxies).render();
+        let lines: Vec<&str> = rendered.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(
+            lines[0].starts_with("NAMESPACE   SERVICE   INSTANCE"),
+            "{rendered}"
+        );
+        assert!(
+            lines[1].contains("web-1"),
+            "sorted by instance:\n{rendered}"
+        );
+        assert!(
+            lines[1].ends_with(" ACKED    9f8e7d6c5b4a   9f8e7d6c5b4a"),
+            "{rendered}"
+        );
+        assert!(lines[2].contains("1h2m"), "{rendered}");
+        assert!(
+            lines[2].ends_with(
+                "NACKED   0123456789ab   9f8e7d6c5b4a   route \"r\": no subset v9 (version 9f8e7d6c5b4a)"
+            ),
+            "{rendered}"
+        );
+    }
+
+    #[test]
+    fn ages_keep_the_two_largest_units() {
+        assert_eq!(age(0), "0s");
+        assert_eq!(age(59), "59s");
+        assert_eq!(age(60), "1m");
+        assert_eq!(age(303), "5m3s");
+        assert_eq!(age(3600), "1h");
+        assert_eq!(age(7620), "2h7m");
+        assert_eq!(age(86_400), "1d");
+        assert_eq!(age(3 * 86_400 + 4 * 3600 + 5), "3d4h");
+    }
+}
