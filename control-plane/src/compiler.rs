@@ -85,7 +85,13 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    pub fn new(resources: &Resources, endpoints: &[EndpointView]) -> Self {
+    /// `known` are services that had instances before: callers of one whose last
+    /// instance left get `no-endpoints`, not `unknown-service`.
+    pub fn new(
+        resources: &Resources,
+        endpoints: &[EndpointView],
+        known: &BTreeSet<(String, String)>,
+    ) -> Self {
         let mut services: BTreeMap<(String, String), ServiceConfig> = BTreeMap::new();
         let mut entry = |namespace: &str, service: &str| {
             services
@@ -95,6 +101,9 @@ impl Catalog {
                     ..ServiceConfig::default()
                 });
         };
+        for (namespace, service) in known {
+            entry(namespace, service);
+        }
         for e in endpoints {
             entry(&e.namespace, &e.service);
         }
@@ -221,7 +230,8 @@ fn route(index: usize, rule: &RouteRule) -> RouteConfig {
 
 /// Builds the config of every proxy of `group`.
 pub fn compile(group: &Group, resources: &Resources, endpoints: &[EndpointView]) -> ProxyConfig {
-    Catalog::new(resources, endpoints).config_for(&group.namespace, inbound(group, resources))
+    Catalog::new(resources, endpoints, &BTreeSet::new())
+        .config_for(&group.namespace, inbound(group, resources))
 }
 
 fn inbound(group: &Group, resources: &Resources) -> InboundConfig {
@@ -291,6 +301,8 @@ pub struct Compiler {
     trigger: Arc<Notify>,
     debounce: Duration,
     groups: Mutex<HashMap<Group, watch::Sender<Option<Arc<Snapshot>>>>>,
+    /// Every (namespace, service) that ever had an instance while this process ran.
+    known: Mutex<BTreeSet<(String, String)>>,
     cert_ttl: watch::Sender<Duration>,
 }
 
@@ -309,6 +321,7 @@ impl Compiler {
             trigger,
             debounce,
             groups: Mutex::default(),
+            known: Mutex::default(),
             cert_ttl,
         }
     }
@@ -364,7 +377,16 @@ impl Compiler {
                 .send_if_modified(|current| std::mem::replace(current, ttl) != ttl);
         }
         let endpoints = self.registry.endpoints();
-        let catalog = Catalog::new(&resources, &endpoints);
+        let known = {
+            let mut known = self.known.lock();
+            known.extend(
+                endpoints
+                    .iter()
+                    .map(|e| (e.namespace.clone(), e.service.clone())),
+            );
+            known.clone()
+        };
+        let catalog = Catalog::new(&resources, &endpoints, &known);
         // Groups of one namespace without authorization policies of their own get the
         // same config: compile and encode it once.
         let mut sealed: HashMap<(String, InboundConfig), Arc<Snapshot>> = HashMap::new();

@@ -45,6 +45,10 @@ pub enum TokenError {
 /// What a token says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
+    /// The trust domain, so a sidecar knows which control plane identity to expect
+    /// before it holds anything else; checked like the rest of the claims.
+    #[serde(default)]
+    pub td: String,
     /// Namespace.
     pub ns: String,
     /// Service (its service account in universal mode).
@@ -95,6 +99,7 @@ impl JoinTokens {
             .fill(&mut jti)
             .map_err(|_| TokenError::Random)?;
         let claims = Claims {
+            td: trust_domain.as_str().into(),
             ns: namespace.into(),
             svc: service.into(),
             exp: unix(now) + ttl.as_secs(),
@@ -141,6 +146,11 @@ impl JoinTokens {
         }
         if claims.ns == RESERVED_NAMESPACE {
             return Err(TokenError::Reserved);
+        }
+        if !claims.td.is_empty() && claims.td != trust_domain.as_str() {
+            return Err(TokenError::Malformed(
+                "the token is for another trust domain",
+            ));
         }
         let id = SpiffeId::workload(trust_domain, &claims.ns, &claims.svc)?;
         Ok((claims, id))

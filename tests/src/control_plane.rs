@@ -186,6 +186,28 @@ impl ControlPlane {
             Some(path) => path.clone(),
             None => self.join_token_file(&spec.service, "1h").await,
         };
+        let command = self.sidecar_command(&spec, &token);
+        let mut process = Process::spawn(&format!("trellis-proxy {}", spec.service), command);
+        let listening = process
+            .wait_for_log(|l| l["message"] == "listening")
+            .unwrap_or_else(|| panic!("{} did not start listening", spec.service));
+        let addr = |field: &str| -> SocketAddr {
+            listening[field]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .unwrap()
+        };
+        MeshSidecar {
+            inbound: addr("inbound"),
+            outbound: addr("outbound"),
+            admin: addr("admin"),
+            service: spec.service,
+            process,
+        }
+    }
+
+    /// The command line of a sidecar in control-plane mode.
+    pub fn sidecar_command(&self, spec: &MeshSidecarSpec, token: &Path) -> Command {
         let labels = spec
             .labels
             .iter()
@@ -206,7 +228,7 @@ impl ControlPlane {
             .arg("--trust-anchors")
             .arg(self.trust_anchors())
             .arg("--join-token-file")
-            .arg(&token)
+            .arg(token)
             .args(["--heartbeat-interval", spec.heartbeat_interval])
             .args(["--log-format", "json"]);
         if !labels.is_empty() {
@@ -215,23 +237,7 @@ impl ControlPlane {
         if let Some(ttl) = spec.cert_ttl {
             command.args(["--cert-ttl", ttl]);
         }
-        let mut process = Process::spawn(&format!("trellis-proxy {}", spec.service), command);
-        let listening = process
-            .wait_for_log(|l| l["message"] == "listening")
-            .unwrap_or_else(|| panic!("{} did not start listening", spec.service));
-        let addr = |field: &str| -> SocketAddr {
-            listening[field]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .unwrap()
-        };
-        MeshSidecar {
-            inbound: addr("inbound"),
-            outbound: addr("outbound"),
-            admin: addr("admin"),
-            service: spec.service,
-            process,
-        }
+        command
     }
 }
 
@@ -283,4 +289,38 @@ pub struct MeshSidecar {
     pub inbound: SocketAddr,
     pub outbound: SocketAddr,
     pub admin: SocketAddr,
+}
+
+/// What one `trellisctl` run printed.
+#[derive(Debug)]
+pub struct CtlOutput {
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl ControlPlane {
+    /// Runs `trellisctl --data-dir <this control plane's> ARGS`, as an operator would.
+    pub fn trellisctl(&self, args: &[&str]) -> CtlOutput {
+        let run = || {
+            Command::new(trellisctl_binary())
+                .arg("--data-dir")
+                .arg(&self.data_dir)
+                .args(args)
+                .env_remove("TRELLIS_API_ADDR")
+                .env_remove("TRELLIS_API_TOKEN")
+                .output()
+                .expect("running trellisctl")
+        };
+        let output = if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::task::block_in_place(run)
+        } else {
+            run()
+        };
+        CtlOutput {
+            success: output.status.success(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
 }
