@@ -45,7 +45,7 @@ impl Discovery for TwoVersions {
                     for config in &configs {
                         let push = ConfigPush {
                             version: config.version.clone(),
-                            config_json: config.to_json(),
+                            config_json: config.to_json().into(),
                         };
                         let _ = tx.send(Ok(push)).await;
                     }

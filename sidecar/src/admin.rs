@@ -1,7 +1,13 @@
 //! The admin server, loopback by default: liveness, readiness, Prometheus metrics,
 //! the current config and certificate, and a drain trigger for Jobs.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -15,7 +21,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use trellis_ca::Credentials;
 
-use crate::outbound::destinations::{Destinations, DestinationsView};
+use crate::{
+    outbound::destinations::{Destinations, DestinationsView},
+    telemetry::{self, rfc3339},
+};
 
 /// Where each listener ended up (ports may have been 0).
 #[derive(Debug, Clone, Serialize)]
@@ -38,6 +47,9 @@ pub struct Admin {
     pub namespace: String,
     pub creds: Credentials,
     pub destinations: Arc<ArcSwap<Destinations>>,
+    /// True once a config is in force: at start in static mode, with the first
+    /// applied push in control-plane mode.
+    pub config_ready: Arc<AtomicBool>,
     pub metrics: PrometheusHandle,
     pub listeners: Listeners,
     /// Cancelled when the proxy starts draining; `POST /shutdown` cancels it.
@@ -110,9 +122,21 @@ impl Admin {
             (&Method::GET, "/ready") if self.shutdown.is_cancelled() => {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining")
             }
+            (&Method::GET, "/ready") if self.creds.svid().is_none() => {
+                text(StatusCode::SERVICE_UNAVAILABLE, "no certificate yet")
+            }
+            (&Method::GET, "/ready") if !self.config_ready.load(Ordering::Acquire) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no config from the control plane yet",
+            ),
             (&Method::GET, "/ready") => text(StatusCode::OK, "ready"),
             (&Method::GET, "/metrics") => {
-                let mut response = Response::new(Full::new(Bytes::from(self.metrics.render())));
+                let mut body = self.metrics.render();
+                body.push_str(&telemetry::render_state(
+                    &self.destinations.load().config().version,
+                    self.creds.svid().map(|svid| svid.not_after()),
+                ));
+                let mut response = Response::new(Full::new(Bytes::from(body)));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static("text/plain; version=0.0.4"),
@@ -174,10 +198,4 @@ fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
         }
         Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "could not encode JSON"),
     }
-}
-
-fn rfc3339(at: std::time::SystemTime) -> String {
-    time::OffsetDateTime::from(at)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
 }

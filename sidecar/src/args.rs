@@ -1,12 +1,17 @@
 //! Command-line flags; each has a `TRELLIS_*` environment variable of the same name.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use trellis_ca::TrustDomain;
+
+pub use crate::control::ControlPlaneAddr;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "trellis-proxy",
     version,
-    about = "The Trellis sidecar: carries a workload's traffic over mTLS with SPIFFE identities"
+    about = "The Trellis sidecar: carries a workload's traffic over mTLS with SPIFFE identities",
+    group(clap::ArgGroup::new("mode").required(true).args(["config", "control_plane"]))
 )]
 pub struct Args {
     /// The local workload's service name (metrics labels, logs).
@@ -40,8 +45,12 @@ pub struct Args {
     pub admin_addr: SocketAddr,
 
     /// Static mode: a YAML file with the identity files, endpoints and TCP listeners.
-    #[arg(long, env = "TRELLIS_CONFIG")]
-    pub config: PathBuf,
+    /// Exactly one of `--config` and `--control-plane`.
+    #[arg(long, env = "TRELLIS_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub control: ControlPlaneArgs,
 
     /// Log lines as JSON (one object per line) or as text for people.
     #[arg(long, env = "TRELLIS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
@@ -71,6 +80,103 @@ pub struct Args {
     pub detect_timeout: Duration,
 }
 
+/// Control-plane mode: identity from `Identity.Certify`, config from
+/// `Discovery.Subscribe`. Every flag but `--control-plane` needs `--control-plane`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControlPlaneArgs {
+    /// The control plane's gRPC address: `host:port` or `https://host:port` (TLS only).
+    #[arg(
+        long,
+        env = "TRELLIS_CONTROL_PLANE",
+        value_name = "ADDR",
+        requires_all = ["trust_anchors", "join_token_file"]
+    )]
+    pub control_plane: Option<ControlPlaneAddr>,
+
+    /// PEM roots the control plane's certificate must chain to (its `trust-anchors.pem`).
+    #[arg(
+        long,
+        env = "TRELLIS_TRUST_ANCHORS",
+        value_name = "FILE",
+        requires = "control_plane"
+    )]
+    pub trust_anchors: Option<PathBuf>,
+
+    /// A file holding the join token (`trellisctl token create --service NAME`); read
+    /// once at start, never logged.
+    #[arg(
+        long,
+        env = "TRELLIS_JOIN_TOKEN_FILE",
+        value_name = "FILE",
+        requires = "control_plane"
+    )]
+    pub join_token_file: Option<PathBuf>,
+
+    /// The mesh's trust domain, when the join token does not state it
+    /// [default: cluster.local].
+    #[arg(
+        long,
+        env = "TRELLIS_TRUST_DOMAIN",
+        value_name = "NAME",
+        value_parser = trust_domain,
+        requires = "control_plane"
+    )]
+    pub trust_domain: Option<TrustDomain>,
+
+    /// This instance's labels, `k=v,k=v` (e.g. `version=v2`); subsets select on them.
+    #[arg(
+        long,
+        env = "TRELLIS_LABELS",
+        value_name = "K=V,...",
+        value_parser = labels,
+        requires = "control_plane"
+    )]
+    pub labels: Option<Labels>,
+
+    /// This instance's name in the registry [default: <service>-<8 random hex>].
+    #[arg(
+        long,
+        env = "TRELLIS_INSTANCE",
+        value_name = "NAME",
+        requires = "control_plane"
+    )]
+    pub instance: Option<String>,
+
+    /// The address peers dial to reach the inbound listener [default: the bound
+    /// inbound address, 0.0.0.0 replaced by 127.0.0.1].
+    #[arg(
+        long,
+        env = "TRELLIS_ADVERTISE_ADDR",
+        value_name = "ADDR",
+        requires = "control_plane"
+    )]
+    pub advertise_addr: Option<SocketAddr>,
+
+    /// How often the sidecar tells the control plane it is alive, with its app's health.
+    #[arg(
+        long,
+        env = "TRELLIS_HEARTBEAT_INTERVAL",
+        default_value = "5s",
+        value_parser = positive_duration
+    )]
+    pub heartbeat_interval: Duration,
+
+    /// The certificate lifetime to ask for; absent or 0 asks for the mesh default
+    /// (MeshConfig certTTL).
+    #[arg(
+        long,
+        env = "TRELLIS_CERT_TTL",
+        value_name = "DURATION",
+        value_parser = duration_or_zero,
+        requires = "control_plane"
+    )]
+    pub cert_ttl: Option<Duration>,
+}
+
+/// Labels in flag order; a key given twice is refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Labels(pub BTreeMap<String, String>);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AppKind {
     Http,
@@ -85,4 +191,165 @@ pub enum LogFormat {
 
 fn duration(s: &str) -> Result<Duration, String> {
     trellis_api::duration::parse(s).map_err(|e| e.to_string())
+}
+
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match duration(s)? {
+        Duration::ZERO => Err("must be longer than zero".into()),
+        d => Ok(d),
+    }
+}
+
+fn duration_or_zero(s: &str) -> Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    duration(s)
+}
+
+fn trust_domain(s: &str) -> Result<TrustDomain, String> {
+    TrustDomain::parse(s).map_err(|e| e.to_string())
+}
+
+/// `k=v,k=v`; keys and values as Kubernetes label values allow them: letters, digits,
+/// `-`, `_`, `.` (and `/` in keys, for prefixes such as `app.kubernetes.io/version`).
+fn labels(s: &str) -> Result<Labels, String> {
+    let mut labels = BTreeMap::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+        let (key, value) = (key.trim(), value.trim());
+        let ok = |s: &str, extra: &[char]| {
+            s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c) || extra.contains(&c))
+        };
+        if key.is_empty() || !ok(key, &['/']) {
+            return Err(format!(
+                "label key {key:?} must be letters, digits, '-', '_', '.' or '/'"
+            ));
+        }
+        if !ok(value, &[]) {
+            return Err(format!(
+                "label {key}'s value {value:?} must be letters, digits, '-', '_' or '.'"
+            ));
+        }
+        if labels.insert(key.to_string(), value.to_string()).is_some() {
+            return Err(format!("label {key:?} is given twice"));
+        }
+    }
+    Ok(Labels(labels))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        let base = [
+            "trellis-proxy",
+            "--service",
+            "a",
+            "--app-addr",
+            "127.0.0.1:9",
+        ];
+        Args::try_parse_from(base.iter().chain(extra))
+    }
+
+    const CONTROL: &[&str] = &[
+        "--control-plane",
+        "127.0.0.1:15012",
+        "--trust-anchors",
+        "ca.pem",
+        "--join-token-file",
+        "token",
+    ];
+
+    #[test]
+    fn exactly_one_mode() {
+        let static_mode = parse(&["--config", "proxy.yaml"]).unwrap();
+        assert!(static_mode.config.is_some() && static_mode.control.control_plane.is_none());
+        let control = parse(CONTROL).unwrap();
+        assert!(control.config.is_none());
+        assert_eq!(control.control.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(control.control.cert_ttl, None);
+
+        let neither = parse(&[]).unwrap_err().to_string();
+        assert!(
+            neither.contains("--config") && neither.contains("--control-plane"),
+            "{neither}"
+        );
+        let both = parse(&[CONTROL, &["--config", "proxy.yaml"]].concat())
+            .unwrap_err()
+            .to_string();
+        assert!(both.contains("cannot be used with"), "{both}");
+    }
+
+    #[test]
+    fn control_plane_needs_its_anchors_and_token_and_vice_versa() {
+        let error = parse(&["--control-plane", "cp:15012", "--join-token-file", "t"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--trust-anchors"), "{error}");
+        let error = parse(&["--control-plane", "cp:15012", "--trust-anchors", "ca.pem"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--join-token-file"), "{error}");
+        let error = parse(&["--config", "proxy.yaml", "--labels", "version=v2"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--control-plane"), "{error}");
+    }
+
+    #[test]
+    fn labels_parse_and_refuse_nonsense() {
+        let args = parse(&[CONTROL, &["--labels", "version=v2, zone=eu-1,app.io/tier="]].concat())
+            .unwrap();
+        let labels = args.control.labels.unwrap().0;
+        assert_eq!(labels["version"], "v2");
+        assert_eq!(labels["zone"], "eu-1");
+        assert_eq!(labels["app.io/tier"], "");
+        for (bad, needle) in [
+            ("version", "is not key=value"),
+            ("=v2", "label key \"\""),
+            ("a=b,a=c", "given twice"),
+            ("a=b c", "value \"b c\""),
+        ] {
+            let error = parse(&[CONTROL, &["--labels", bad]].concat())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(needle), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn durations_and_addresses_are_checked() {
+        let args = parse(
+            &[
+                CONTROL,
+                &["--cert-ttl", "0", "--heartbeat-interval", "250ms"],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(args.control.cert_ttl, Some(Duration::ZERO));
+        assert_eq!(args.control.heartbeat_interval, Duration::from_millis(250));
+        let error = parse(&[CONTROL, &["--heartbeat-interval", "0s"]].concat())
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("longer than zero"), "{error}");
+        let error = parse(&[
+            "--control-plane",
+            "http://cp:1",
+            "--trust-anchors",
+            "a",
+            "--join-token-file",
+            "t",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("TLS only"), "{error}");
+    }
 }

@@ -1,6 +1,7 @@
 //! `trellis-sidecar` owns the data path of `trellis-proxy`: the outbound listener
 //! the local app calls, the inbound mTLS listener peers call, protocol detection,
-//! load balancing, the admin server and the proxy's telemetry.
+//! load balancing, the admin server, the proxy's telemetry and, in control-plane mode,
+//! the client that fetches its certificate and config.
 
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -8,6 +9,7 @@
 
 pub mod admin;
 pub mod args;
+pub mod control;
 pub mod http;
 pub mod identity;
 pub mod inbound;

@@ -1,16 +1,25 @@
-//! Wires the proxy together: load identity and config, bind every listener, serve
+//! Wires the proxy together: load identity and config (static mode) or prepare to
+//! fetch them (control-plane mode), bind every listener, start the control loop, serve
 //! until SIGTERM, SIGINT or `POST /shutdown`, then drain.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::SocketAddr,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
 
 use arc_swap::ArcSwap;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::JoinHandle,
+};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin::{Admin, Listeners, TcpListenerView},
     args::Args,
+    control::{ControlPlane, SetupError},
     http::serve_connection,
     identity,
     inbound::Inbound,
@@ -20,8 +29,14 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    #[error("give exactly one of --config (static mode) and --control-plane")]
+    Mode,
     #[error("--config: {0}")]
     Config(#[from] crate::static_config::StaticConfigError),
+    #[error("{0}")]
+    ControlPlane(#[from] SetupError),
+    #[error("the control-plane task stopped: {0}")]
+    ControlTask(String),
     #[error("identity: {0}")]
     Identity(#[from] identity::IdentityError),
     #[error("config: {0}")]
@@ -65,6 +80,7 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
         outbound_addr,
         admin_addr,
         config,
+        control: control_args,
         log_format: _,
         log: _,
         workers: _,
@@ -72,10 +88,27 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
         idle_timeout,
         detect_timeout,
     } = args;
-    let static_config = StaticConfig::load(&config)?;
-    let creds = identity::load(&static_config.identity)?;
+    let (creds, proxy_config, tcp_outbound, control) =
+        match (config, control_args.control_plane.is_some()) {
+            (Some(path), false) => {
+                let StaticConfig {
+                    identity,
+                    tcp_outbound,
+                    proxy,
+                } = StaticConfig::load(&path)?;
+                (identity::load(&identity)?, proxy, tcp_outbound, None)
+            }
+            (None, true) => {
+                let control = ControlPlane::new(control_args, &service, &namespace, app_addr)?;
+                // No routes until the first push: outbound answers 503 unknown-service.
+                let creds = control.credentials().clone();
+                (creds, Default::default(), Vec::new(), Some(control))
+            }
+            _ => return Err(ProxyError::Mode),
+        };
+    let config_ready = Arc::new(AtomicBool::new(control.is_none()));
     let destinations = Arc::new(ArcSwap::from_pointee(Destinations::compile(
-        static_config.proxy,
+        proxy_config,
         &creds,
     )?));
     if !admin_addr.ip().is_loopback() {
@@ -86,7 +119,7 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
     let outbound_listener = bind("outbound", outbound_addr).await?;
     let admin_listener = bind("admin", admin_addr).await?;
     let mut tcp_listeners = Vec::new();
-    for tcp in &static_config.tcp_outbound {
+    for tcp in &tcp_outbound {
         tcp_listeners.push((bind("tcpOutbound", tcp.listen).await?, tcp.service.clone()));
     }
     let listeners = Listeners {
@@ -119,7 +152,8 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
         service: service.clone(),
         namespace,
         creds,
-        destinations,
+        destinations: destinations.clone(),
+        config_ready: config_ready.clone(),
         metrics,
         listeners: listeners.clone(),
         shutdown: shutdown.clone(),
@@ -172,10 +206,30 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
         tcp_outbound = ?listeners.tcp_outbound.iter().map(|t| (t.service.as_str(), t.listen)).collect::<Vec<_>>(),
         "listening"
     );
+    // Only now: the control plane is never waited for to start serving.
+    let mut control_task = control.map(|control| {
+        control.spawn(
+            listeners.inbound,
+            destinations,
+            config_ready,
+            shutdown.clone(),
+        )
+    });
 
+    let mut failure = None;
     tokio::select! {
         name = signals.next() => tracing::info!(signal = name, "shutting down"),
         () = shutdown.cancelled() => tracing::info!("shutting down on request"),
+        // It runs until shutdown; ending before means it panicked. A proxy whose
+        // certificates and config silently stopped updating must not look healthy.
+        ended = until_ended(&mut control_task) => {
+            let reason = match ended {
+                Err(error) => error.to_string(),
+                Ok(()) => "it returned".to_string(),
+            };
+            tracing::error!(reason, "the control-plane task stopped; shutting down");
+            failure = Some(ProxyError::ControlTask(reason));
+        }
     }
     shutdown.cancel();
     tracker.close();
@@ -191,7 +245,15 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
         }
     }
     tracing::info!("stopped");
-    Ok(())
+    failure.map_or(Ok(()), Err)
+}
+
+/// Waits for a task to end; forever when there is none.
+async fn until_ended(task: &mut Option<JoinHandle<()>>) -> Result<(), tokio::task::JoinError> {
+    match task {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// SIGTERM and SIGINT, installed once.

@@ -17,6 +17,13 @@ pub const REQUESTS: &str = "trellis_requests_total";
 pub const REQUEST_DURATION: &str = "trellis_request_duration_seconds";
 pub const TCP_OPEN: &str = "trellis_tcp_connections_open";
 pub const TLS_ERRORS: &str = "trellis_tls_handshake_errors_total";
+pub const CONTROL_PLANE_CONNECTED: &str = "trellis_control_plane_connected";
+pub const CONFIG_UPDATES: &str = "trellis_config_updates_total";
+pub const CERT_RENEWALS: &str = "trellis_certificate_renewals_total";
+/// Rendered from the credentials and the config in force at scrape time, so they are
+/// exact in both modes and an old config version leaves no series behind.
+pub const CERT_EXPIRY: &str = "trellis_certificate_expiry_timestamp_seconds";
+pub const CONFIG_VERSION: &str = "trellis_config_version_info";
 
 /// Fine enough below a millisecond, where a sidecar's own cost lives.
 const DURATION_BUCKETS: &[f64] = &[
@@ -59,7 +66,60 @@ pub fn install_metrics() -> Result<PrometheusHandle, String> {
     );
     metrics::describe_gauge!(TCP_OPEN, "Opaque TCP connections being proxied");
     metrics::describe_counter!(TLS_ERRORS, "Refused or failed TLS handshakes, by reason");
+    metrics::describe_gauge!(
+        CONTROL_PLANE_CONNECTED,
+        "1 while the Discovery stream to the control plane is open"
+    );
+    metrics::describe_counter!(
+        CONFIG_UPDATES,
+        "Configs pushed by the control plane, by result (ack: in force, nack: refused)"
+    );
+    metrics::describe_counter!(
+        CERT_RENEWALS,
+        "Certify requests (the first certificate and renewals), by result"
+    );
     Ok(handle)
+}
+
+/// The gauges that describe current state rather than events, in Prometheus text, to
+/// append to the recorder's output.
+pub fn render_state(config_version: &str, cert_not_after: Option<std::time::SystemTime>) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    if let Some(not_after) = cert_not_after {
+        let unix = not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let _ = write!(
+            out,
+            "# HELP {CERT_EXPIRY} When the SVID in use expires (notAfter), unix seconds\n\
+             # TYPE {CERT_EXPIRY} gauge\n{CERT_EXPIRY} {unix}\n\n"
+        );
+    }
+    if !config_version.is_empty() {
+        let _ = write!(
+            out,
+            "# HELP {CONFIG_VERSION} The config version in force\n\
+             # TYPE {CONFIG_VERSION} gauge\n{CONFIG_VERSION}{{version=\"{}\"}} 1\n\n",
+            label_value(config_version)
+        );
+    }
+    out
+}
+
+/// Escapes a Prometheus label value.
+fn label_value(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// An RFC 3339 timestamp for logs and `/certs`.
+pub fn rfc3339(at: std::time::SystemTime) -> String {
+    time::OffsetDateTime::from(at)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// Which way a request crosses this sidecar.
@@ -150,6 +210,11 @@ fn parse_traceparent(value: &str) -> Option<(&str, &str)> {
     valid.then_some((trace, flags))
 }
 
+/// `bytes` random bytes as lowercase hex: ids, not secrets.
+pub fn random_hex(bytes: usize) -> String {
+    hex(bytes)
+}
+
 fn hex(bytes: usize) -> String {
     use std::fmt::Write;
     (0..bytes).fold(String::with_capacity(bytes * 2), |mut s, _| {
@@ -165,6 +230,22 @@ fn hex_id(bytes: usize) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_gauges_render_as_prometheus_text() {
+        let at = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let text = render_state("v\"1\\", Some(at));
+        assert!(
+            text.contains("trellis_certificate_expiry_timestamp_seconds 1700000000\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("trellis_config_version_info{version=\"v\\\"1\\\\\"} 1\n"),
+            "{text}"
+        );
+        assert_eq!(render_state("", None), "");
+        assert_eq!(random_hex(4).len(), 8);
+    }
 
     #[test]
     fn request_id_is_kept_or_made() {

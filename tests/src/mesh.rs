@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use trellis_api::config::{EndpointConfig, MtlsMode, ProxyConfig, ServiceConfig};
+use trellis_api::config::{EndpointConfig, InboundConfig, MtlsMode, ProxyConfig, ServiceConfig};
 use trellis_ca::{SpiffeId, WorkloadKey};
 
 use crate::pki::TestPki;
@@ -36,7 +36,10 @@ pub struct SidecarSpec {
     pub service: String,
     pub app_addr: SocketAddr,
     pub mtls: MtlsMode,
-    pub destinations: BTreeMap<String, Vec<EndpointConfig>>,
+    /// The destinations, by service name, as `ProxyConfig.services`.
+    pub services: BTreeMap<String, ServiceConfig>,
+    /// Who may call this sidecar's app.
+    pub inbound: InboundConfig,
     pub tcp_outbound: Vec<String>,
     pub drain_timeout: &'static str,
     /// `--app-protocol`: `http` or `tcp`.
@@ -50,7 +53,8 @@ impl SidecarSpec {
             service: service.into(),
             app_addr,
             mtls: MtlsMode::Strict,
-            destinations: BTreeMap::new(),
+            services: BTreeMap::new(),
+            inbound: InboundConfig::default(),
             tcp_outbound: Vec::new(),
             drain_timeout: "30s",
             app_protocol: "http",
@@ -59,8 +63,25 @@ impl SidecarSpec {
     }
 
     /// Routes `service` to `endpoints`.
-    pub fn to(mut self, service: &str, endpoints: Vec<EndpointConfig>) -> Self {
-        self.destinations.insert(service.into(), endpoints);
+    pub fn to(self, service: &str, endpoints: Vec<EndpointConfig>) -> Self {
+        self.service(
+            service,
+            ServiceConfig {
+                endpoints,
+                ..ServiceConfig::default()
+            },
+        )
+    }
+
+    /// Adds a destination with everything it may carry: subsets, routes, labels.
+    pub fn service(mut self, name: &str, config: ServiceConfig) -> Self {
+        self.services.insert(name.into(), config);
+        self
+    }
+
+    /// Sets the inbound authorization rules.
+    pub fn inbound(mut self, inbound: InboundConfig) -> Self {
+        self.inbound = inbound;
         self
     }
 }
@@ -149,21 +170,8 @@ impl Mesh {
         let proxy = ProxyConfig {
             version: "test-1".into(),
             mtls: spec.mtls,
-            services: spec
-                .destinations
-                .iter()
-                .map(|(name, endpoints)| {
-                    (
-                        name.clone(),
-                        ServiceConfig {
-                            namespace: "default".into(),
-                            endpoints: endpoints.clone(),
-                            ..ServiceConfig::default()
-                        },
-                    )
-                })
-                .collect(),
-            inbound: Default::default(),
+            services: spec.services.clone(),
+            inbound: spec.inbound.clone(),
         };
         let config = serde_json::json!({
             "identity": {"certificate": cert, "privateKey": key, "trustBundle": bundle},
@@ -239,10 +247,18 @@ impl Sidecar {
 
     /// This sidecar as an endpoint other sidecars route to.
     pub fn endpoint(&self) -> EndpointConfig {
+        self.labeled(&[])
+    }
+
+    /// This sidecar as an endpoint with `labels`, for subsets to select.
+    pub fn labeled(&self, labels: &[(&str, &str)]) -> EndpointConfig {
         EndpointConfig {
             address: self.inbound,
             identity: self.identity.clone(),
-            labels: Default::default(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         }
     }
 

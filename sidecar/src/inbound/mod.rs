@@ -1,7 +1,9 @@
 //! The inbound side: accept a peer sidecar's mTLS connection (or, in PERMISSIVE
-//! mode, plaintext), verify its SPIFFE id, and hand each request to the local app
-//! in the protocol the calling app spoke, with the verified id in `x-trellis-peer-id`.
+//! mode, plaintext), verify its SPIFFE id, check each request against the
+//! authorization rules, and hand it to the local app in the protocol the calling app
+//! spoke, with the verified id in `x-trellis-peer-id`.
 
+pub mod authorize;
 pub mod detect;
 
 use std::{
@@ -81,6 +83,10 @@ impl Inbound {
     ) -> Result<Self, rustls::Error> {
         let mut tls = trellis_ca::server_config(creds)?;
         tls.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_TCP.to_vec()];
+        metrics::describe_counter!(
+            authorize::DENIED,
+            "Inbound requests and opaque connections refused by authorization"
+        );
         let client = |http2_only| {
             Client::builder(TokioExecutor::new())
                 .http2_only(http2_only)
@@ -158,6 +164,16 @@ impl Inbound {
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
+        let authorized = self.destinations.load().authorization().check_stream(peer);
+        if let Err(denial) = authorized {
+            metrics::counter!(authorize::DENIED, "service" => self.service.clone()).increment(1);
+            return tracing::info!(
+                peer_id = peer.map(SpiffeId::as_str),
+                service = self.service,
+                reason = denial.reason(),
+                "opaque TCP connection denied"
+            );
+        }
         if self.app_kind != AppKind::Tcp {
             return tracing::info!(
                 peer_id = peer.map(SpiffeId::as_str),
@@ -205,7 +221,14 @@ impl Inbound {
             .map(str::to_string)
             .unwrap_or_else(|| self.app_addr.to_string());
 
-        let response = if is_upgrade(&req) {
+        let authorized = self
+            .destinations
+            .load()
+            .authorization()
+            .check_request(caller.peer.as_ref(), &req);
+        let response = if let Err(denial) = authorized {
+            self.deny(caller, &method, &path, denial)
+        } else if is_upgrade(&req) {
             self.upgrade(req, caller).await
         } else {
             self.forward(req, caller, protocol, &authority).await
@@ -232,6 +255,33 @@ impl Inbound {
             "request"
         );
         response
+    }
+
+    fn deny(
+        &self,
+        caller: &Caller,
+        method: &http::Method,
+        path: &str,
+        denial: authorize::Denial,
+    ) -> Response<ProxyBody> {
+        metrics::counter!(authorize::DENIED, "service" => self.service.clone()).increment(1);
+        let who = caller
+            .peer
+            .as_ref()
+            .map_or("an unauthenticated (plaintext) caller", SpiffeId::as_str);
+        let message = format!(
+            "{who} may not {method} {path} on service {:?}: {}",
+            self.service,
+            denial.reason()
+        );
+        tracing::info!(
+            peer_id = caller.peer.as_ref().map(SpiffeId::as_str),
+            %method,
+            path,
+            reason = denial.reason(),
+            "request denied"
+        );
+        mesh_error(StatusCode::FORBIDDEN, "denied", message)
     }
 
     async fn forward(

@@ -1,12 +1,20 @@
 //! The outbound side: the local app sends plain HTTP here with the destination in
-//! the authority; the request leaves over mTLS HTTP/2 to a peer sidecar chosen by
-//! P2C over peak-EWMA. TCP listeners forward opaque bytes the same way.
+//! the authority; the destination's first matching route picks a backend by weight,
+//! and the request leaves over mTLS HTTP/2 to one of the backend's peer sidecars,
+//! chosen by P2C over peak-EWMA. TCP listeners forward opaque bytes the same way, to
+//! any endpoint of their service.
 
 pub mod balance;
 pub mod connect;
 pub mod destinations;
+pub mod route;
 
-use std::{future::Future, pin::Pin, sync::Arc, time::Instant};
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use arc_swap::ArcSwap;
 use http::{Request, Response, StatusCode};
@@ -23,7 +31,8 @@ use crate::{
     telemetry::{self, Direction},
 };
 use connect::ConnectError;
-use destinations::{Destination, Destinations, Endpoint};
+use destinations::{Destinations, Endpoint};
+use route::{Backend, Route};
 
 #[derive(Debug)]
 pub struct Outbound {
@@ -50,10 +59,18 @@ impl Outbound {
             .as_deref()
             .and_then(|a| destinations.resolve(host_of(a)));
 
+        let mut route_name = None;
+        let mut subset = None;
         let (response, peer_service, peer_id) = match (destination, authority.as_deref()) {
             (Some(destination), Some(authority)) => {
-                let (response, peer_id) = self.forward(destination, req, authority).await;
-                (response, destination.name.as_str(), peer_id)
+                let (route, backend) = destination.route(&req);
+                route_name = route.map(|r| r.name.as_str());
+                subset = backend.subset.as_deref();
+                let deadline = route
+                    .and_then(|r| r.timeout)
+                    .and_then(|t| Some((start.checked_add(t)?, t)));
+                let (response, peer_id) = forward(route, backend, deadline, req, authority).await;
+                (response, backend.service.as_str(), peer_id)
             }
             _ => {
                 let message = match &authority {
@@ -82,6 +99,9 @@ impl Outbound {
             method = %method,
             authority = authority.as_deref().unwrap_or_default(),
             path,
+            route = route_name,
+            peer_service,
+            subset,
             status = response.status().as_u16(),
             duration_ms = elapsed.as_secs_f64() * 1e3,
             peer_id,
@@ -89,58 +109,6 @@ impl Outbound {
             "request"
         );
         response
-    }
-
-    /// Sends the request to one endpoint of `destination`; returns the response and
-    /// the id the endpoint was required to have.
-    async fn forward<'d>(
-        &self,
-        destination: &'d Destination,
-        req: Request<Incoming>,
-        authority: &str,
-    ) -> (Response<ProxyBody>, Option<&'d str>) {
-        let Some(endpoint) = destination.pick() else {
-            let message = format!("service {:?} has no endpoints", destination.name);
-            return (
-                mesh_error(StatusCode::SERVICE_UNAVAILABLE, "no-endpoints", message),
-                None,
-            );
-        };
-        let peer_id = Some(endpoint.target.identity.as_str());
-        if is_upgrade(&req) {
-            return (upgrade(endpoint, req).await, peer_id);
-        }
-        let protocol = AppProtocol::of(&req);
-        let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(PEER_ID);
-        // The authority the request was routed by travels as :authority and becomes the
-        // app's Host; a different Host (absolute form) must not override it.
-        parts.headers.remove(http::header::HOST);
-        parts.headers.insert(APP_PROTOCOL, protocol.header_value());
-        parts.uri = match retarget(&parts.uri, authority) {
-            Ok(uri) => uri,
-            Err(e) => return (bad_target(&e), peer_id),
-        };
-        parts.version = http::Version::HTTP_2;
-
-        let in_flight = endpoint.load.start();
-        let response = match endpoint
-            .client
-            .request(Request::from_parts(parts, body))
-            .await
-        {
-            Ok(mut response) => {
-                in_flight.finish();
-                strip_hop_by_hop(response.headers_mut());
-                response.map(Either::Left)
-            }
-            Err(error) => {
-                in_flight.fail();
-                peer_failure(&error, &endpoint.target.addr)
-            }
-        };
-        (response, peer_id)
     }
 
     /// Accepts opaque TCP for `service` and carries it to one of its endpoints over mTLS.
@@ -178,6 +146,93 @@ impl Outbound {
             }
         }
     }
+}
+
+/// Sends the request to one endpoint of `backend`, and answers 504 if `deadline`
+/// passes before the response headers arrive. Returns the response and the id the
+/// endpoint was required to have.
+async fn forward<'d>(
+    route: Option<&Route>,
+    backend: &'d Backend,
+    deadline: Option<(Instant, Duration)>,
+    req: Request<Incoming>,
+    authority: &str,
+) -> (Response<ProxyBody>, Option<&'d str>) {
+    let Some(endpoint) = backend.pick() else {
+        let message = match &backend.subset {
+            Some(subset) => format!(
+                "subset {subset:?} of service {:?} has no endpoints",
+                backend.service
+            ),
+            None => format!("service {:?} has no endpoints", backend.service),
+        };
+        return (
+            mesh_error(StatusCode::SERVICE_UNAVAILABLE, "no-endpoints", message),
+            None,
+        );
+    };
+    let peer_id = Some(endpoint.target.identity.as_str());
+    let late = || {
+        let timeout = deadline.map(|(_, t)| t).unwrap_or_default();
+        let route = route.map_or("", |r| r.name.as_str());
+        let message = format!(
+            "service {:?} (endpoint {}) did not answer within the {timeout:?} timeout of route {route:?}",
+            backend.service, endpoint.target.addr
+        );
+        tracing::info!(error = %message, "request timed out");
+        mesh_error(StatusCode::GATEWAY_TIMEOUT, "timeout", message)
+    };
+    if is_upgrade(&req) {
+        let upgraded = upgrade(endpoint, req);
+        let response = match deadline {
+            Some((at, _)) => tokio::time::timeout_at(at.into(), upgraded)
+                .await
+                .unwrap_or_else(|_| late()),
+            None => upgraded.await,
+        };
+        return (response, peer_id);
+    }
+    let protocol = AppProtocol::of(&req);
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(PEER_ID);
+    // The authority the request was routed by travels as :authority and becomes the
+    // app's Host; a different Host (absolute form) must not override it.
+    parts.headers.remove(http::header::HOST);
+    parts.headers.insert(APP_PROTOCOL, protocol.header_value());
+    parts.uri = match retarget(&parts.uri, authority) {
+        Ok(uri) => uri,
+        Err(e) => return (bad_target(&e), peer_id),
+    };
+    parts.version = http::Version::HTTP_2;
+
+    let in_flight = endpoint.load.start();
+    let sent = endpoint.client.request(Request::from_parts(parts, body));
+    let result = match deadline {
+        // Dropping the request on time resets its HTTP/2 stream, so the peer
+        // sidecar stops working on it too.
+        Some((at, _)) => match tokio::time::timeout_at(at.into(), sent).await {
+            Ok(result) => result,
+            Err(_) => {
+                // The endpoint was at least this slow; the balancer should know.
+                in_flight.finish();
+                return (late(), peer_id);
+            }
+        },
+        None => sent.await,
+    };
+    let response = match result {
+        Ok(mut response) => {
+            in_flight.finish();
+            strip_hop_by_hop(response.headers_mut());
+            response.map(Either::Left)
+        }
+        Err(error) => {
+            in_flight.fail();
+            peer_failure(&error, &endpoint.target.addr)
+        }
+    };
+    (response, peer_id)
 }
 
 async fn upgrade(endpoint: &Endpoint, mut req: Request<Incoming>) -> Response<ProxyBody> {
