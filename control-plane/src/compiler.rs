@@ -303,6 +303,8 @@ pub struct Compiler {
     groups: Mutex<HashMap<Group, watch::Sender<Option<Arc<Snapshot>>>>>,
     /// Every (namespace, service) that ever had an instance while this process ran.
     known: Mutex<BTreeSet<(String, String)>>,
+    /// The endpoints last written to the store, to write only changes.
+    persisted: Mutex<Vec<u8>>,
     cert_ttl: watch::Sender<Duration>,
 }
 
@@ -322,6 +324,7 @@ impl Compiler {
             debounce,
             groups: Mutex::default(),
             known: Mutex::default(),
+            persisted: Mutex::default(),
             cert_ttl,
         }
     }
@@ -367,6 +370,24 @@ impl Compiler {
         }
     }
 
+    /// The name of the store state holding the last endpoints.
+    pub const ENDPOINTS_STATE: &'static str = "registry-endpoints";
+
+    /// Keeps the endpoints in the store so a restarted control plane can publish them
+    /// while their sidecars reconnect.
+    fn persist_endpoints(
+        &self,
+        endpoints: &[EndpointView],
+    ) -> Result<(), crate::store::StoreError> {
+        let encoded = serde_json::to_vec(endpoints).unwrap_or_default();
+        let mut persisted = self.persisted.lock();
+        if *persisted != encoded {
+            self.store.put_state(Self::ENDPOINTS_STATE, &encoded)?;
+            *persisted = encoded;
+        }
+        Ok(())
+    }
+
     /// One round: read the store and the registry, rebuild every group's snapshot and
     /// publish the ones that changed. Blocking (store reads); runs off the runtime.
     pub fn compile_round(&self) -> Result<(), crate::store::StoreError> {
@@ -377,6 +398,7 @@ impl Compiler {
                 .send_if_modified(|current| std::mem::replace(current, ttl) != ttl);
         }
         let endpoints = self.registry.endpoints();
+        self.persist_endpoints(&endpoints)?;
         let known = {
             let mut known = self.known.lock();
             known.extend(

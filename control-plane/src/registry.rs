@@ -13,7 +13,7 @@ use std::{
 };
 
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use trellis_ca::SpiffeId;
 
@@ -54,7 +54,7 @@ pub struct Nack {
 }
 
 /// One endpoint as other proxies see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct EndpointView {
     pub service: String,
@@ -105,6 +105,10 @@ pub struct Registry {
     next_id: AtomicU64,
     /// Woken when the set of endpoints others see changes (join, leave, health).
     endpoints_changed: Arc<Notify>,
+    /// Endpoints of the previous control plane process, kept until their sidecars
+    /// reconnect or the deadline passes, so a restart does not empty everyone's
+    /// endpoints while the sidecars are still finding their way back.
+    remembered: Mutex<(Vec<EndpointView>, Option<Instant>)>,
 }
 
 impl Registry {
@@ -113,7 +117,15 @@ impl Registry {
             entries: Mutex::default(),
             next_id: AtomicU64::new(1),
             endpoints_changed,
+            remembered: Mutex::default(),
         }
+    }
+
+    /// Publishes `endpoints` (from before a restart) until `until`, each until an
+    /// instance of the same name subscribes again.
+    pub fn remember(&self, endpoints: Vec<EndpointView>, until: Instant) {
+        *self.remembered.lock() = (endpoints, Some(until));
+        self.endpoints_changed.notify_one();
     }
 
     pub fn join(&self, info: ProxyInfo) -> ProxyId {
@@ -190,10 +202,37 @@ impl Registry {
         groups
     }
 
-    /// Every registered instance, healthy or not, sorted by service then instance.
+    /// Every registered instance, healthy or not, sorted by service then instance;
+    /// with those remembered from before a restart that have not come back yet.
     pub fn endpoints(&self) -> Vec<EndpointView> {
-        let mut endpoints: Vec<EndpointView> = self
-            .entries
+        let mut endpoints = self.live_endpoints();
+        let remembered = self.remembered.lock();
+        if let (list, Some(until)) = &*remembered
+            && Instant::now() < *until
+        {
+            let back = |r: &EndpointView| {
+                endpoints.iter().any(|e| {
+                    (&e.namespace, &e.service, &e.instance)
+                        == (&r.namespace, &r.service, &r.instance)
+                })
+            };
+            let missing: Vec<EndpointView> = list.iter().filter(|r| !back(r)).cloned().collect();
+            endpoints.extend(missing);
+        }
+        drop(remembered);
+        endpoints.sort_by(|a, b| {
+            (&a.namespace, &a.service, &a.instance, a.address).cmp(&(
+                &b.namespace,
+                &b.service,
+                &b.instance,
+                b.address,
+            ))
+        });
+        endpoints
+    }
+
+    fn live_endpoints(&self) -> Vec<EndpointView> {
+        self.entries
             .lock()
             .values()
             .map(|e| {
@@ -217,16 +256,7 @@ impl Registry {
                     healthy: *healthy,
                 }
             })
-            .collect();
-        endpoints.sort_by(|a, b| {
-            (&a.namespace, &a.service, &a.instance, a.address).cmp(&(
-                &b.namespace,
-                &b.service,
-                &b.instance,
-                b.address,
-            ))
-        });
-        endpoints
+            .collect()
     }
 
     pub fn proxies(&self) -> Vec<ProxyView> {
@@ -325,5 +355,38 @@ mod tests {
         registry.leave(id);
         assert!(woken());
         assert!(registry.endpoints().is_empty());
+    }
+
+    #[test]
+    fn remembered_endpoints_last_until_their_instance_returns_or_the_deadline() {
+        let registry = Registry::new(Arc::default());
+        let view = |port| {
+            let id = registry.join(info("web", port));
+            let v = registry
+                .endpoints()
+                .into_iter()
+                .find(|e| e.address.port() == port);
+            registry.leave(id);
+            v.unwrap()
+        };
+        let (old_a, old_b) = (view(1), view(2));
+        registry.remember(
+            vec![old_a.clone(), old_b],
+            Instant::now() + std::time::Duration::from_secs(60),
+        );
+        assert_eq!(registry.endpoints().len(), 2);
+        // Instance web-1 comes back at a new address: it replaces the remembered one.
+        let mut back = info("web", 3);
+        back.instance = old_a.instance.clone();
+        registry.join(back);
+        let ports: Vec<u16> = registry
+            .endpoints()
+            .iter()
+            .map(|e| e.address.port())
+            .collect();
+        assert_eq!(ports, [3, 2]);
+        // Past the deadline only live instances remain.
+        registry.remember(vec![old_a], Instant::now());
+        assert_eq!(registry.endpoints().len(), 1);
     }
 }

@@ -244,6 +244,29 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
         debounce,
         cert_ttl,
     ));
+    // Endpoints of the previous run stay published for one heartbeat timeout: sidecars
+    // reconnect well within it, and until they do their peers keep reaching them.
+    if let Some(bytes) = store.state(Compiler::ENDPOINTS_STATE)? {
+        match serde_json::from_slice::<Vec<crate::registry::EndpointView>>(&bytes) {
+            Ok(endpoints) if !endpoints.is_empty() => {
+                tracing::info!(
+                    endpoints = endpoints.len(),
+                    until = ?heartbeat_timeout,
+                    "publishing the previous run's endpoints while their sidecars reconnect"
+                );
+                registry.remember(endpoints, std::time::Instant::now() + heartbeat_timeout);
+                let (compiler, shutdown) = (compiler.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        () = shutdown.cancelled() => {}
+                        () = tokio::time::sleep(heartbeat_timeout) => compiler.changed(),
+                    }
+                });
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "ignoring unreadable remembered endpoints"),
+        }
+    }
     // The first round reads MeshConfig (certificate lifetime) before anyone certifies.
     {
         let compiler = compiler.clone();

@@ -16,6 +16,9 @@ use trellis_crds::{Document, Invalid, validate_batch};
 const RESOURCES: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("resources");
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 const SECRETS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("secrets");
+/// The control plane's own bookkeeping that should survive a restart (the registry's
+/// last endpoints), as opaque bytes by name.
+const STATE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("state");
 const REVISION: &str = "revision";
 const FILE: &str = "trellis.redb";
 
@@ -133,6 +136,7 @@ impl Store {
         db!(txn.open_table(RESOURCES))?;
         db!(txn.open_table(META))?;
         db!(txn.open_table(SECRETS))?;
+        db!(txn.open_table(STATE))?;
         db!(txn.commit())?;
         Ok(Self { db })
     }
@@ -254,6 +258,21 @@ impl Store {
         };
         db!(txn.commit())?;
         Ok(secret)
+    }
+}
+
+impl Store {
+    pub fn put_state(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        let txn = db!(self.db.begin_write())?;
+        db!(db!(txn.open_table(STATE))?.insert(name, value))?;
+        db!(txn.commit())?;
+        Ok(())
+    }
+
+    pub fn state(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = db!(self.db.begin_read())?;
+        let table = db!(txn.open_table(STATE))?;
+        Ok(db!(table.get(name))?.map(|v| v.value().to_vec()))
     }
 }
 

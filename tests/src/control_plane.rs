@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::{
     mesh::http1_client,
-    process::{Process, binary},
+    process::{Process, addr_field, binary},
 };
 
 pub fn control_plane_binary() -> PathBuf {
@@ -68,15 +68,8 @@ impl ControlPlane {
             .args(["--debounce", "20ms"])
             .args(["--log-format", "json"]);
         let mut process = Process::spawn("trellis-control-plane", command);
-        let listening = process
-            .wait_for_log(|l| l["message"] == "listening")
-            .expect("the control plane did not start listening");
-        let addr = |field: &str| -> SocketAddr {
-            listening[field]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .unwrap()
-        };
+        let listening = process.listening("the control plane");
+        let addr = |field: &str| addr_field(&listening, field);
         let token = std::fs::read_to_string(data_dir.join("api-token")).unwrap();
         Self {
             process,
@@ -188,15 +181,8 @@ impl ControlPlane {
         };
         let command = self.sidecar_command(&spec, &token);
         let mut process = Process::spawn(&format!("trellis-proxy {}", spec.service), command);
-        let listening = process
-            .wait_for_log(|l| l["message"] == "listening")
-            .unwrap_or_else(|| panic!("{} did not start listening", spec.service));
-        let addr = |field: &str| -> SocketAddr {
-            listening[field]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .unwrap()
-        };
+        let listening = process.listening(&spec.service);
+        let addr = |field: &str| addr_field(&listening, field);
         MeshSidecar {
             inbound: addr("inbound"),
             outbound: addr("outbound"),

@@ -4,19 +4,20 @@
 
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader},
     net::SocketAddr,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::mpsc,
-    time::{Duration, Instant},
+    process::{Command, ExitStatus},
+    time::Duration,
 };
 
 use trellis_api::config::{EndpointConfig, InboundConfig, MtlsMode, ProxyConfig, ServiceConfig};
 use trellis_ca::{SpiffeId, WorkloadKey};
 
-use crate::pki::TestPki;
+use crate::{
+    pki::TestPki,
+    process::{Process, addr_field, binary},
+};
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
 
@@ -88,35 +89,16 @@ impl SidecarSpec {
 
 /// A running `trellis-proxy`. Killed when dropped.
 pub struct Sidecar {
-    /// `None` once `wait_exit` took it.
-    child: Option<Child>,
+    process: Process,
     pub inbound: SocketAddr,
     pub outbound: SocketAddr,
     pub admin: SocketAddr,
     pub identity: String,
-    logs: mpsc::Receiver<String>,
 }
 
-/// The `trellis-proxy` binary: `$TRELLIS_PROXY_BIN`, else the one cargo built beside
-/// the running executable (`target/<profile>/` for binaries, its `deps/` for tests).
+/// The `trellis-proxy` binary: `$TRELLIS_PROXY_BIN`, else the one cargo built.
 pub fn proxy_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("TRELLIS_PROXY_BIN") {
-        return PathBuf::from(path);
-    }
-    let exe = std::env::current_exe().expect("executable path");
-    let found = exe
-        .ancestors()
-        .skip(1)
-        .take(2)
-        .map(|dir| dir.join("trellis-proxy"))
-        .find(|candidate| candidate.exists());
-    found.unwrap_or_else(|| {
-        panic!(
-            "no trellis-proxy beside {}: run `cargo test --workspace` (tests) or \
-             `cargo build --release -p trellis-sidecar` (benchmarks) first",
-            exe.display()
-        )
-    })
+    binary("trellis-proxy", "TRELLIS_PROXY_BIN")
 }
 
 impl Mesh {
@@ -194,7 +176,8 @@ impl Default for Mesh {
 
 impl Sidecar {
     fn start(spec: &SidecarSpec, config: &Path, id: &str) -> Self {
-        let mut child = Command::new(proxy_binary())
+        let mut command = Command::new(proxy_binary());
+        command
             .args(["--service", &spec.service])
             .args(["--app-addr", &spec.app_addr.to_string()])
             .args(["--app-protocol", spec.app_protocol])
@@ -206,43 +189,16 @@ impl Sidecar {
             .args(["--detect-timeout", "200ms"])
             .arg("--config")
             .arg(config)
-            .args(["--log-format", "json"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting trellis-proxy");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, logs) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut sidecar = Self {
-            child: Some(child),
-            inbound: ([0, 0, 0, 0], 0).into(),
-            outbound: ([0, 0, 0, 0], 0).into(),
-            admin: ([0, 0, 0, 0], 0).into(),
+            .args(["--log-format", "json"]);
+        let mut process = Process::spawn("trellis-proxy", command);
+        let listening = process.listening(&spec.service);
+        Self {
+            process,
+            inbound: addr_field(&listening, "inbound"),
+            outbound: addr_field(&listening, "outbound"),
+            admin: addr_field(&listening, "admin"),
             identity: id.to_string(),
-            logs,
-        };
-        let listening = sidecar
-            .wait_for_log(|l| l["message"] == "listening")
-            .unwrap_or_else(|| panic!("{} did not start listening", spec.service));
-        let addr = |field: &str| -> SocketAddr {
-            listening[field]
-                .as_str()
-                .and_then(|s| s.parse().ok())
-                .unwrap()
-        };
-        sidecar.inbound = addr("inbound");
-        sidecar.outbound = addr("outbound");
-        sidecar.admin = addr("admin");
-        sidecar
+        }
     }
 
     /// This sidecar as an endpoint other sidecars route to.
@@ -262,77 +218,25 @@ impl Sidecar {
         }
     }
 
-    /// Reads log lines until one matches (or 20 s pass, or the process ends). Blocks
-    /// the thread, so async tests run on the multi-thread runtime.
+    /// Reads log lines until one matches (or 20 s pass, or the process ends).
     pub fn wait_for_log(
         &mut self,
         matches: impl Fn(&serde_json::Value) -> bool,
     ) -> Option<serde_json::Value> {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            return tokio::task::block_in_place(|| self.read_logs_until(matches));
-        }
-        self.read_logs_until(matches)
-    }
-
-    fn read_logs_until(
-        &mut self,
-        matches: impl Fn(&serde_json::Value) -> bool,
-    ) -> Option<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline.checked_duration_since(Instant::now())?;
-            let line = self.logs.recv_timeout(left).ok()?;
-            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line)
-                && matches(&value)
-            {
-                return Some(value);
-            }
-        }
+        self.process.wait_for_log(matches)
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("process still owned").id()
+        self.process.pid()
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.pid().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{signal} failed");
+        self.process.signal(signal)
     }
 
     /// Waits for the process to exit on its own; kills it and fails after `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
-        let mut child = self.child.take().expect("process still owned");
-        let pid = child.id();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait());
-        });
-        let waited = if tokio::runtime::Handle::try_current().is_ok() {
-            tokio::task::block_in_place(|| rx.recv_timeout(limit))
-        } else {
-            rx.recv_timeout(limit)
-        };
-        match waited {
-            Ok(status) => status.unwrap(),
-            Err(_) => {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
-                panic!("trellis-proxy did not exit within {limit:?}");
-            }
-        }
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.wait_exit(limit)
     }
 }
 

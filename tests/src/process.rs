@@ -31,6 +31,14 @@ pub fn binary(name: &str, env: &str) -> PathBuf {
     })
 }
 
+/// A socket address a log line names in `field`.
+pub fn addr_field(line: &serde_json::Value, field: &str) -> std::net::SocketAddr {
+    line[field]
+        .as_str()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {field:?} of {line}"))
+}
+
 pub struct Process {
     /// `None` once `wait_exit` took it.
     child: Option<Child>,
@@ -90,6 +98,12 @@ impl Process {
                 return Some(value);
             }
         }
+    }
+
+    /// Waits for the `listening` line every binary logs once its listeners are bound.
+    pub fn listening(&mut self, what: &str) -> serde_json::Value {
+        self.wait_for_log(|l| l["message"] == "listening")
+            .unwrap_or_else(|| panic!("{what} did not start listening"))
     }
 
     pub fn pid(&self) -> u32 {
