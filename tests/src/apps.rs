@@ -2,7 +2,15 @@
 //! gRPC app, and a TCP echo. Each reports what it saw in response headers so tests
 //! can check what crossed the mesh.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
@@ -49,20 +57,77 @@ impl Hold {
 /// An `Upgrade` request is switched and then echoes bytes. `delay` is added to each
 /// response, to play a slow instance.
 pub async fn http_app(name: &'static str, delay: Duration) -> (SocketAddr, Arc<Hold>) {
+    let (addr, hold, _) = serve_http(name, delay).await;
+    (addr, hold)
+}
+
+/// Failures and slowness a test switches on and off while the app runs, and what the
+/// app saw: a backend that fails on command.
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// Answer 503 to this many of the next requests.
+    pub fail_next: AtomicU64,
+    /// Answer 503 to every request while set.
+    pub failing: AtomicBool,
+    /// Added to each response, in milliseconds.
+    pub delay_ms: AtomicU64,
+    /// Requests received, failed ones included.
+    pub requests: AtomicU64,
+}
+
+impl Faults {
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Whether this request is to fail, counting it.
+    fn should_fail(&self) -> bool {
+        self.requests.fetch_add(1, Ordering::SeqCst);
+        if self.failing.load(Ordering::SeqCst) {
+            return true;
+        }
+        self.fail_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+/// `http_app` with `Faults` the test controls.
+pub async fn faulty_app(name: &'static str) -> (SocketAddr, Arc<Faults>) {
+    let (addr, _, faults) = serve_http(name, Duration::ZERO).await;
+    (addr, faults)
+}
+
+async fn serve_http(name: &'static str, delay: Duration) -> (SocketAddr, Arc<Hold>, Arc<Faults>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hold = Arc::new(Hold::default());
+    let faults = Arc::new(Faults::default());
     let app_hold = hold.clone();
+    let app_faults = faults.clone();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 continue;
             };
             let hold = app_hold.clone();
+            let faults = app_faults.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
-                    let hold = hold.clone();
-                    async move { Ok::<_, Infallible>(respond(name, delay, req, &hold).await) }
+                    let (hold, faults) = (hold.clone(), faults.clone());
+                    async move {
+                        let extra = Duration::from_millis(faults.delay_ms.load(Ordering::SeqCst));
+                        if !extra.is_zero() {
+                            tokio::time::sleep(extra).await;
+                        }
+                        if faults.should_fail() {
+                            let mut r = Response::new(full(format!("{name} failing on command")));
+                            *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                            r.headers_mut().insert("x-app-name", name.parse().unwrap());
+                            return Ok::<_, Infallible>(r);
+                        }
+                        Ok::<_, Infallible>(respond(name, delay, req, &hold).await)
+                    }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(tcp), service)
@@ -70,7 +135,7 @@ pub async fn http_app(name: &'static str, delay: Duration) -> (SocketAddr, Arc<H
             });
         }
     });
-    (addr, hold)
+    (addr, hold, faults)
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
