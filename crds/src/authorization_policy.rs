@@ -37,7 +37,9 @@ pub struct AllowRule {
 /// A caller: one SPIFFE identity, or every identity of a namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-#[x_kube(validation = "has(self.identity) != has(self.namespace)")]
+// `namespace` is a CEL reserved word: the apiserver exposes the field as `__namespace__`
+// and refuses to compile a rule that writes `self.namespace`.
+#[x_kube(validation = "has(self.identity) != has(self.__namespace__)")]
 pub struct Source {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^spiffe://"))]

@@ -13,6 +13,7 @@
 #[allow(unreachable_pub)]
 mod authorization_policy;
 mod canary;
+#[allow(unreachable_pub)]
 mod destination_policy;
 mod documents;
 #[allow(unreachable_pub)]
@@ -27,13 +28,13 @@ pub use authorization_policy::{
 pub use canary::{Analysis, Canary, CanaryPhase, CanarySpec, CanaryStatus};
 pub use destination_policy::{
     Bulkhead, CircuitBreaker, ConnectionPool, DestinationPolicy, DestinationPolicySpec,
-    LoadBalancer, RetryBudget, Subset,
+    LoadBalancer, RateLimit, RetryBudget, Subset,
 };
 pub use documents::{Document, DocumentError, parse_documents, validate_batch};
 pub use mesh_config::{DefaultAuthorization, MeshConfig, MeshConfigSpec, Mtls, Tracing};
 pub use traffic_route::{
-    Backend, Backoff, HeaderMatch, Mirror, Retries, RetryOn, RouteMatch, RouteRule, TrafficRoute,
-    TrafficRouteSpec,
+    Backend, Backoff, Fault, FaultAbort, FaultDelay, HeaderMatch, Mirror, Retries, RetryOn,
+    RouteMatch, RouteRule, TrafficRoute, TrafficRouteSpec,
 };
 pub use validation::{FieldError, Invalid};
 

@@ -1,5 +1,6 @@
 //! `TrafficRoute`: ordered rules for one service — which requests go where (canary
-//! splits by weight), what is mirrored, and with what timeout, retries and bulkhead.
+//! splits by weight), what is mirrored, and with what timeout, retries, bulkhead and
+//! injected faults.
 
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -52,6 +53,10 @@ pub struct RouteRule {
     /// A bulkhead pool of the destination's DestinationPolicy (default `default`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bulkhead: Option<String>,
+    /// Delays or fails a share of this rule's requests on purpose, to test how callers
+    /// cope with a slow or failing service; none by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
@@ -132,6 +137,12 @@ pub struct Retries {
     pub on: Vec<RetryOn>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<Backoff>,
+    /// Also retry methods that are not idempotent (POST, PATCH, CONNECT, ...); by default
+    /// only GET, HEAD, OPTIONS, TRACE, PUT and DELETE are retried. A failed or timed-out
+    /// POST may still have been carried out, so retrying it can charge a payment twice:
+    /// turn this on only for services that deduplicate (e.g. by an idempotency key).
+    #[serde(default)]
+    pub allow_non_idempotent: bool,
 }
 
 /// A retry condition, as written: `5xx`, `gateway-error`, `connect-failure`, `reset`, or a
@@ -150,6 +161,46 @@ pub struct Backoff {
     pub base: String,
     #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
     pub max: String,
+}
+
+/// Faults injected by the caller's sidecar into requests this rule matched. Delay and
+/// abort are drawn independently per request; an aborted request never reaches the
+/// service.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(
+    validation = Rule::new("has(self.delay) || has(self.abort)")
+        .message("give at least one of delay and abort")
+)]
+pub struct Fault {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+/// Holds a share of requests for a while before sending them on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultDelay {
+    /// How long each delayed request waits, e.g. `100ms`; longer than zero.
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
+    pub duration: String,
+    /// Share of requests delayed, 0 to 100 (fractions allowed, e.g. `0.5`).
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub percent: f64,
+}
+
+/// Answers a share of requests with an error status instead of sending them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultAbort {
+    /// The status returned, 400 to 599, e.g. `503`.
+    #[schemars(range(min = 400, max = 599))]
+    pub status: u16,
+    /// Share of requests aborted, 0 to 100 (fractions allowed, e.g. `0.5`).
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub percent: f64,
 }
 
 fn default_weight() -> u32 {
@@ -304,6 +355,9 @@ impl TrafficRouteSpec {
                     }
                 }
             }
+            if let Some(fault) = &rule.fault {
+                fault.check(&mut check, &format!("{at}.fault"));
+            }
             if let Some(pool) = &rule.bulkhead {
                 let missing = policy.is_none_or(|p| !p.has_bulkhead(pool));
                 if pool != "default" && missing {
@@ -318,6 +372,28 @@ impl TrafficRouteSpec {
             }
         }
         check.finish("TrafficRoute", name)
+    }
+}
+
+impl Fault {
+    fn check(&self, check: &mut Checker, at: &str) {
+        let Self { delay, abort } = self;
+        if delay.is_none() && abort.is_none() {
+            check.fail(at, "give at least one of delay and abort");
+        }
+        if let Some(FaultDelay { duration, percent }) = delay {
+            check.duration(&format!("{at}.delay.duration"), duration);
+            check.range(&format!("{at}.delay.percent"), *percent, 0.0, 100.0);
+        }
+        if let Some(FaultAbort { status, percent }) = abort {
+            check.range(
+                &format!("{at}.abort.status"),
+                f64::from(*status),
+                400.0,
+                599.0,
+            );
+            check.range(&format!("{at}.abort.percent"), *percent, 0.0, 100.0);
+        }
     }
 }
 

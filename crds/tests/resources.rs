@@ -5,7 +5,12 @@
 
 use std::path::Path;
 
-use trellis_crds::{Document, crd_yaml, crds, parse_documents, validate_batch};
+use std::time::Duration;
+
+use trellis_crds::{
+    DestinationPolicy, Document, RetryBudget, TrafficRoute, crd_yaml, crds, parse_documents,
+    validate_batch,
+};
 
 fn problems(yaml: &str) -> Vec<String> {
     let documents = parse_documents(yaml).unwrap();
@@ -49,6 +54,11 @@ fn manifests_carry_the_schema_limits_and_cel_rules() {
         "^([0-9]+(ms|s|m|h|d))+$",
         "- p2c-ewma",
         "- STRICT",
+        "has(self.delay) || has(self.abort)",
+        "duration(self.maxEjectionTime) >= duration(self.baseEjectionTime)",
+        "x-kubernetes-list-type: map",
+        // `namespace` is a CEL reserved word; the apiserver only accepts it escaped.
+        "has(self.identity) != has(self.__namespace__)",
     ] {
         assert!(all.contains(needle), "no {needle:?} in the generated CRDs");
     }
@@ -297,5 +307,323 @@ spec: {service: payment}
             found.iter().any(|p| p.starts_with(want)),
             "missing {want:?} in {found:#?}"
         );
+    }
+}
+
+fn route_with(rule_extra: &str) -> String {
+    format!(
+        r#"
+apiVersion: trellis.dev/v1alpha1
+kind: TrafficRoute
+metadata: {{name: r}}
+spec:
+  service: payment
+  rules:
+    - backends: [{{service: payment}}]
+      {rule_extra}
+"#
+    )
+}
+
+fn policy_with(spec_extra: &str) -> String {
+    format!(
+        r#"
+apiVersion: trellis.dev/v1alpha1
+kind: DestinationPolicy
+metadata: {{name: p}}
+spec:
+  service: payment
+  {spec_extra}
+"#
+    )
+}
+
+fn assert_problems(yaml: &str, wanted: &[&str]) {
+    let found = problems(yaml);
+    for want in wanted {
+        assert!(
+            found.iter().any(|p| p.starts_with(want)),
+            "missing {want:?} in {found:#?}"
+        );
+    }
+    assert_eq!(found.len(), wanted.len(), "{found:#?}");
+}
+
+#[test]
+fn fault_problems_name_their_field_paths() {
+    assert_problems(
+        &route_with("fault: {}"),
+        &["spec.rules[0].fault: give at least one of delay and abort"],
+    );
+    assert_problems(
+        &route_with("fault: {abort: {status: 200, percent: 10}}"),
+        &["spec.rules[0].fault.abort.status: must be between 400 and 599, not 200"],
+    );
+    assert_problems(
+        &route_with("fault: {abort: {status: 600, percent: 10}}"),
+        &["spec.rules[0].fault.abort.status: must be between 400 and 599, not 600"],
+    );
+    assert_problems(
+        &route_with(
+            "fault: {delay: {duration: 0ms, percent: 150}, abort: {status: 503, percent: -0.5}}",
+        ),
+        &[
+            "spec.rules[0].fault.delay.duration: must be longer than zero",
+            "spec.rules[0].fault.delay.percent: must be between 0 and 100, not 150",
+            "spec.rules[0].fault.abort.percent: must be between 0 and 100, not -0.5",
+        ],
+    );
+    assert_problems(
+        &route_with("fault: {delay: {duration: soon, percent: .nan}}"),
+        &[
+            "spec.rules[0].fault.delay.duration: invalid duration \"soon\"",
+            "spec.rules[0].fault.delay.percent: must be between 0 and 100, not NaN",
+        ],
+    );
+    // Each half alone is enough, and fractions and both ends of the range are fine.
+    for fault in [
+        "fault: {delay: {duration: 100ms, percent: 0.5}}",
+        "fault: {abort: {status: 400, percent: 0}}",
+        "fault: {abort: {status: 599, percent: 100}}",
+    ] {
+        assert_problems(&route_with(fault), &[]);
+    }
+}
+
+#[test]
+fn fault_and_retry_fields_refuse_typos_and_parse_their_defaults() {
+    for (yaml, typo) in [
+        (
+            "fault: {delay: {duration: 1s, percent: 1, jitter: 1}}",
+            "jitter",
+        ),
+        (
+            "fault: {abort: {status: 503, percent: 1}, drop: {}}",
+            "drop",
+        ),
+        (
+            "retries: {attempts: 2, allowNonIdempotents: true}",
+            "allowNonIdempotents",
+        ),
+    ] {
+        let e = parse_documents(&route_with(yaml)).unwrap_err();
+        assert!(
+            e.to_string().contains(&format!("unknown field `{typo}`")),
+            "{e}"
+        );
+    }
+    let e =
+        parse_documents(&route_with("fault: {abort: {status: 70000, percent: 1}}")).unwrap_err();
+    assert!(e.to_string().starts_with("document 0:"), "{e}");
+
+    let route = |yaml: &str| match parse_documents(&route_with(yaml)).unwrap().remove(0) {
+        Document::TrafficRoute(TrafficRoute { spec, .. }) => spec.rules[0].clone(),
+        other => panic!("{other:?}"),
+    };
+    let rule = route("retries: {attempts: 2}");
+    assert!(!rule.retries.unwrap().allow_non_idempotent);
+    assert_eq!(rule.fault, None);
+    let rule = route("retries: {attempts: 2, allowNonIdempotent: true}");
+    assert!(rule.retries.unwrap().allow_non_idempotent);
+}
+
+#[test]
+fn rate_limit_and_ejection_cap_problems_name_their_field_paths() {
+    assert_problems(
+        &policy_with("rateLimit: {requestsPerSecond: 0, burst: 0}"),
+        &[
+            "spec.rateLimit.requestsPerSecond: must be at least 1, not 0",
+            "spec.rateLimit.burst: must be at least 1, not 0",
+        ],
+    );
+    assert_problems(
+        &policy_with(
+            "circuitBreaker: {consecutiveFailures: 1, interval: 10s, baseEjectionTime: 1m, \
+             maxEjectionPercent: 50, maxEjectionTime: 30s}",
+        ),
+        &["spec.circuitBreaker.maxEjectionTime: must not be shorter than baseEjectionTime"],
+    );
+    assert_problems(
+        &policy_with(
+            "circuitBreaker: {consecutiveFailures: 1, interval: 10s, baseEjectionTime: 1m, \
+             maxEjectionPercent: 50, maxEjectionTime: 0s}",
+        ),
+        &[
+            "spec.circuitBreaker.maxEjectionTime: must be longer than zero",
+            "spec.circuitBreaker.maxEjectionTime: must not be shorter than baseEjectionTime",
+        ],
+    );
+    assert_problems(
+        &policy_with(
+            "circuitBreaker: {consecutiveFailures: 1, interval: 10s, baseEjectionTime: 1m, \
+             maxEjectionPercent: 50, maxEjectionTime: 1 hour}",
+        ),
+        &["spec.circuitBreaker.maxEjectionTime: invalid duration \"1 hour\""],
+    );
+    // Equal is allowed, however it is written, and days are understood.
+    for max in ["90s", "1m30s", "1d"] {
+        assert_problems(
+            &policy_with(&format!(
+                "circuitBreaker: {{consecutiveFailures: 1, interval: 10s, \
+                 baseEjectionTime: 1m30s, maxEjectionPercent: 50, maxEjectionTime: {max}}}"
+            )),
+            &[],
+        );
+    }
+    for typo in [
+        "rateLimit: {requestsPerSecond: 1, brust: 2}",
+        "rateLimit: {}",
+    ] {
+        assert!(parse_documents(&policy_with(typo)).is_err(), "{typo}");
+    }
+}
+
+#[test]
+fn circuit_breaker_and_bulkhead_limits_hold() {
+    assert_problems(
+        &policy_with(
+            "circuitBreaker: {consecutiveFailures: 0, interval: 0s, baseEjectionTime: 0ms, \
+             maxEjectionPercent: 101}
+  bulkheads:
+    - {name: critical, maxConcurrentRequests: 0, maxPendingTime: 0s}
+    - {name: critical, maxConcurrentRequests: 1}",
+        ),
+        &[
+            "spec.circuitBreaker.consecutiveFailures: must be at least 1, not 0",
+            "spec.circuitBreaker.interval: must be longer than zero",
+            "spec.circuitBreaker.baseEjectionTime: must be longer than zero",
+            "spec.circuitBreaker.maxEjectionPercent: must be between 0 and 100, not 101",
+            "spec.bulkheads[1].name: \"critical\" is used twice",
+            "spec.bulkheads[0].maxConcurrentRequests: must be at least 1, not 0",
+            "spec.bulkheads[0].maxPendingTime: must be longer than zero",
+        ],
+    );
+}
+
+#[test]
+fn absent_resilience_fields_take_their_documented_defaults() {
+    let policy = |yaml: &str| match parse_documents(&policy_with(yaml)).unwrap().remove(0) {
+        Document::DestinationPolicy(DestinationPolicy { spec, .. }) => spec,
+        other => panic!("{other:?}"),
+    };
+    let spec = policy(
+        "circuitBreaker: {consecutiveFailures: 1, interval: 10s, baseEjectionTime: 30s, \
+         maxEjectionPercent: 50}
+  rateLimit: {requestsPerSecond: 100}",
+    );
+    let rate = spec.rate_limit.unwrap();
+    assert_eq!((rate.burst, rate.burst_or_default()), (None, 100));
+    assert!(!rate.per_source);
+    let cb = spec.circuit_breaker.unwrap();
+    assert_eq!(cb.max_ejection_time, None);
+    assert_eq!(
+        cb.max_ejection_time_or_default().unwrap(),
+        Duration::from_secs(300)
+    );
+    assert_eq!(spec.retry_budget, None);
+    assert_eq!(
+        RetryBudget::default(),
+        RetryBudget {
+            ratio: 0.2,
+            min_retries_per_second: 10
+        }
+    );
+
+    let spec = policy(
+        "circuitBreaker: {consecutiveFailures: 1, interval: 10s, baseEjectionTime: 30s, \
+         maxEjectionPercent: 50, maxEjectionTime: 2m}
+  rateLimit: {requestsPerSecond: 100, burst: 5, perSource: true}",
+    );
+    let rate = spec.rate_limit.unwrap();
+    assert_eq!(rate.burst_or_default(), 5);
+    assert!(rate.per_source);
+    assert_eq!(
+        spec.circuit_breaker
+            .unwrap()
+            .max_ejection_time_or_default()
+            .unwrap(),
+        Duration::from_secs(120)
+    );
+}
+
+/// The schema's numeric limits of the new fields, read from the generated CRDs, are
+/// the same limits `validate` enforces: the ends pass, one step past them fails.
+#[test]
+fn schema_limits_and_validation_agree_at_the_edges() {
+    let schema = |file: &str| -> serde_json::Value {
+        let (_, crd) = crds().into_iter().find(|(f, _)| *f == file).unwrap();
+        serde_json::to_value(&crd.spec.versions[0].schema).unwrap()["openAPIV3Schema"].clone()
+    };
+    let routes = schema("trafficroutes.yaml");
+    let policies = schema("destinationpolicies.yaml");
+    // (schema, field path in it, smallest step past a limit, a resource with the field
+    // set to `V`)
+    let cases = [
+        (
+            &routes,
+            "spec.rules[].fault.abort.status",
+            1.0,
+            route_with("fault: {abort: {status: V, percent: 1}}"),
+        ),
+        (
+            &routes,
+            "spec.rules[].fault.abort.percent",
+            0.5,
+            route_with("fault: {abort: {status: 503, percent: V}}"),
+        ),
+        (
+            &routes,
+            "spec.rules[].fault.delay.percent",
+            0.5,
+            route_with("fault: {delay: {duration: 1s, percent: V}}"),
+        ),
+        (
+            &policies,
+            "spec.rateLimit.requestsPerSecond",
+            1.0,
+            policy_with("rateLimit: {requestsPerSecond: V}"),
+        ),
+        (
+            &policies,
+            "spec.rateLimit.burst",
+            1.0,
+            policy_with("rateLimit: {requestsPerSecond: 1, burst: V}"),
+        ),
+        (
+            &policies,
+            "spec.circuitBreaker.maxEjectionPercent",
+            1.0,
+            policy_with(
+                "circuitBreaker: {consecutiveFailures: 1, interval: 1s, baseEjectionTime: 1s, \
+                 maxEjectionPercent: V}",
+            ),
+        ),
+    ];
+    for (schema, path, step, template) in cases {
+        let mut node = schema;
+        for key in path.split('.') {
+            node = match key.strip_suffix("[]") {
+                Some(key) => &node["properties"][key]["items"],
+                None => &node["properties"][key],
+            };
+        }
+        assert!(node.is_object(), "no schema at {path}");
+        let yaml = |v: f64| template.replace(": V", &format!(": {v}"));
+        let min = node["minimum"].as_f64().unwrap_or_else(|| panic!("{path}"));
+        assert_eq!(problems(&yaml(min)), Vec::<String>::new(), "{path} = {min}");
+        // Below zero only parses for floats.
+        if min - step >= 0.0 || step < 1.0 {
+            assert!(
+                !problems(&yaml(min - step)).is_empty(),
+                "{path} = {min} - {step}"
+            );
+        }
+        if let Some(max) = node["maximum"].as_f64() {
+            assert_eq!(problems(&yaml(max)), Vec::<String>::new(), "{path} = {max}");
+            assert!(
+                !problems(&yaml(max + step)).is_empty(),
+                "{path} = {max} + {step}"
+            );
+        }
     }
 }
