@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, net::SocketAddr};
 use serde::{Deserialize, Serialize};
 
 /// Everything routing-related a sidecar runs with, as one versioned snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProxyConfig {
     /// Opaque version; the sidecar reports it in metrics and `/config`.
@@ -36,7 +36,7 @@ pub enum MtlsMode {
 }
 
 /// One destination service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceConfig {
     /// The namespace the service lives in; `name.<namespace>` also resolves to it.
@@ -51,10 +51,117 @@ pub struct ServiceConfig {
     /// endpoints of the service.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteConfig>,
+    /// Per-endpoint outlier ejection; none: endpoints are never ejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
+    /// Named concurrency pools routes choose with `bulkhead`; a route naming none
+    /// uses `default`, unbounded unless listed here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bulkheads: Vec<BulkheadConfig>,
+    /// Retries allowed on top of requests; the default (ratio 0.2, 10/s) when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudgetConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    /// Failures in a row (5xx, connect errors, resets) that eject an endpoint.
+    pub consecutive_failures: u32,
+    /// The first ejection's length; each repeated ejection doubles it.
+    pub base_ejection_time: String,
+    /// The longest an ejection grows to.
+    pub max_ejection_time: String,
+    /// Never eject more than this share (0..=100) of the service's endpoints.
+    pub max_ejection_percent: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BulkheadConfig {
+    pub name: String,
+    pub max_concurrent_requests: u32,
+    /// How many may wait for a slot; beyond, 503 bulkhead-full at once.
+    #[serde(default)]
+    pub max_pending_requests: u32,
+    /// How long one may wait; none: as long as the route's timeout allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_time: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetryBudgetConfig {
+    /// Retries allowed per request sent recently (0..=1).
+    pub ratio: f64,
+    /// Retries allowed per second regardless of the ratio.
+    pub min_retries_per_second: u32,
+}
+
+impl Default for RetryBudgetConfig {
+    fn default() -> Self {
+        Self {
+            ratio: 0.2,
+            min_retries_per_second: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetriesConfig {
+    /// Tries in all, the first included.
+    pub attempts: u32,
+    /// Each try's deadline; none: only the route's timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<String>,
+    /// `5xx`, `gateway-error`, `connect-failure`, `reset`, or a status code; empty
+    /// means `connect-failure` and `gateway-error`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub on: Vec<String>,
+    /// Full-jitter exponential backoff between `base` and `max` (default 25ms, 250ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<BackoffConfig>,
+    /// Retry POST, PATCH and other non-idempotent methods too.
+    #[serde(default)]
+    pub allow_non_idempotent: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BackoffConfig {
+    pub base: String,
+    pub max: String,
+}
+
+/// Chaos on purpose: delay or fail a share of a route's requests in the caller's sidecar.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelayConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbortConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultDelayConfig {
+    pub duration: String,
+    /// 0..=100.
+    pub percent: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultAbortConfig {
+    pub status: u16,
+    /// 0..=100.
+    pub percent: f64,
 }
 
 /// One TrafficRoute rule, as the sidecar runs it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RouteConfig {
     /// The rule's name, or its index; a metrics label.
@@ -67,6 +174,13 @@ pub struct RouteConfig {
     /// The whole request's deadline, e.g. `2s`; past it the client gets a 504.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<RetriesConfig>,
+    /// The service's bulkhead pool this route's requests take a slot of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bulkhead: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<FaultConfig>,
 }
 
 /// Every condition given must hold; an empty match matches everything.
@@ -120,6 +234,20 @@ pub struct InboundConfig {
     /// Allow rules (AuthorizationPolicy); a request any rule matches is allowed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<AllowConfig>,
+    /// Local rate limit of the service's own sidecars (DestinationPolicy `rateLimit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+/// A token bucket per sidecar: `requestsPerSecond` refill, `burst` capacity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub requests_per_second: u32,
+    pub burst: u32,
+    /// One bucket per caller SPIFFE id instead of one for all.
+    #[serde(default)]
+    pub per_source: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, Hash)]
@@ -197,6 +325,9 @@ impl Default for ServiceConfig {
             endpoints: Vec::new(),
             subsets: BTreeMap::new(),
             routes: Vec::new(),
+            circuit_breaker: None,
+            bulkheads: Vec::new(),
+            retry_budget: None,
         }
     }
 }

@@ -15,13 +15,14 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use trellis_api::config::{
-    AllowConfig, AuthorizationDefault, BackendConfig, EndpointConfig, HeaderMatchConfig,
-    InboundConfig, MtlsMode, OperationConfig, ProxyConfig, RouteConfig, RouteMatchConfig,
-    ServiceConfig, SourceConfig,
+    AllowConfig, AuthorizationDefault, BackendConfig, BackoffConfig, BulkheadConfig,
+    CircuitBreakerConfig, EndpointConfig, FaultAbortConfig, FaultConfig, FaultDelayConfig,
+    HeaderMatchConfig, InboundConfig, MtlsMode, OperationConfig, ProxyConfig, RateLimitConfig,
+    RetriesConfig, RetryBudgetConfig, RouteConfig, RouteMatchConfig, ServiceConfig, SourceConfig,
 };
 use trellis_crds::{
-    AuthorizationPolicy, DefaultAuthorization, DestinationPolicy, Document, MeshConfigSpec, Mtls,
-    RouteRule, TrafficRoute,
+    AuthorizationPolicy, DefaultAuthorization, DestinationPolicy, DestinationPolicySpec, Document,
+    MeshConfigSpec, Mtls, RouteRule, TrafficRoute,
 };
 
 use crate::{
@@ -135,9 +136,7 @@ impl Catalog {
                 p.spec.service.clone(),
             );
             if let Some(service) = services.get_mut(&key) {
-                for s in &p.spec.subsets {
-                    service.subsets.insert(s.name.clone(), s.labels.clone());
-                }
+                apply_policy(service, &p.spec);
             }
         }
         for r in &resources.routes {
@@ -192,6 +191,47 @@ impl Catalog {
     }
 }
 
+/// The DestinationPolicy parts the callers' sidecars run (rateLimit runs in the
+/// service's own sidecars: see `inbound`).
+fn apply_policy(service: &mut ServiceConfig, spec: &DestinationPolicySpec) {
+    let DestinationPolicySpec {
+        service: _,
+        subsets,
+        load_balancer: _,
+        circuit_breaker,
+        bulkheads,
+        connection_pool: _,
+        retry_budget,
+        rate_limit: _,
+    } = spec;
+    for s in subsets {
+        service.subsets.insert(s.name.clone(), s.labels.clone());
+    }
+    service.circuit_breaker = circuit_breaker.as_ref().map(|cb| CircuitBreakerConfig {
+        consecutive_failures: cb.consecutive_failures,
+        base_ejection_time: cb.base_ejection_time.clone(),
+        // Validation has checked both durations; the fallback is the documented default.
+        max_ejection_time: cb
+            .max_ejection_time_or_default()
+            .map(|d| format!("{}ms", d.as_millis()))
+            .unwrap_or_else(|_| cb.base_ejection_time.clone()),
+        max_ejection_percent: cb.max_ejection_percent,
+    });
+    service.bulkheads = bulkheads
+        .iter()
+        .map(|b| BulkheadConfig {
+            name: b.name.clone(),
+            max_concurrent_requests: b.max_concurrent_requests,
+            max_pending_requests: b.max_pending_requests,
+            max_pending_time: b.max_pending_time.clone(),
+        })
+        .collect();
+    service.retry_budget = retry_budget.as_ref().map(|b| RetryBudgetConfig {
+        ratio: b.ratio,
+        min_retries_per_second: b.min_retries_per_second,
+    });
+}
+
 fn route(index: usize, rule: &RouteRule) -> RouteConfig {
     RouteConfig {
         name: rule.name.clone().unwrap_or_else(|| index.to_string()),
@@ -225,6 +265,27 @@ fn route(index: usize, rule: &RouteRule) -> RouteConfig {
             })
             .collect(),
         timeout: rule.timeout.clone(),
+        retries: rule.retries.as_ref().map(|r| RetriesConfig {
+            attempts: r.attempts,
+            per_try_timeout: r.per_try_timeout.clone(),
+            on: r.on.iter().map(|on| on.0.clone()).collect(),
+            backoff: r.backoff.as_ref().map(|b| BackoffConfig {
+                base: b.base.clone(),
+                max: b.max.clone(),
+            }),
+            allow_non_idempotent: r.allow_non_idempotent,
+        }),
+        bulkhead: rule.bulkhead.clone(),
+        fault: rule.fault.as_ref().map(|f| FaultConfig {
+            delay: f.delay.as_ref().map(|d| FaultDelayConfig {
+                duration: d.duration.clone(),
+                percent: d.percent,
+            }),
+            abort: f.abort.as_ref().map(|a| FaultAbortConfig {
+                status: a.status,
+                percent: a.percent,
+            }),
+        }),
     }
 }
 
@@ -268,6 +329,16 @@ fn inbound(group: &Group, resources: &Resources) -> InboundConfig {
         .authorization
         .iter()
         .any(|a| a.spec.service == group.service && namespace_of(&a.metadata) == group.namespace);
+    let rate_limit = resources
+        .policies
+        .iter()
+        .find(|p| p.spec.service == group.service && namespace_of(&p.metadata) == group.namespace)
+        .and_then(|p| p.spec.rate_limit.as_ref())
+        .map(|r| RateLimitConfig {
+            requests_per_second: r.requests_per_second,
+            burst: r.burst_or_default(),
+            per_source: r.per_source,
+        });
     InboundConfig {
         default: if has_policy {
             AuthorizationDefault::Deny
@@ -275,6 +346,7 @@ fn inbound(group: &Group, resources: &Resources) -> InboundConfig {
             default
         },
         allow,
+        rate_limit,
     }
 }
 

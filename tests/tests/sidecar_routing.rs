@@ -90,6 +90,9 @@ fn rule(name: &str, matches: RouteMatchConfig, backends: Vec<BackendConfig>) -> 
         matches,
         backends,
         timeout: None,
+        retries: None,
+        bulkhead: None,
+        fault: None,
     }
 }
 
@@ -353,6 +356,7 @@ fn allow(from: Vec<SourceConfig>, to: Vec<OperationConfig>) -> InboundConfig {
     InboundConfig {
         default: AuthorizationDefault::Allow,
         allow: vec![AllowConfig { from, to }],
+        rate_limit: None,
     }
 }
 
@@ -465,6 +469,7 @@ async fn default_deny_without_rules_refuses_everyone() {
         InboundConfig {
             default: AuthorizationDefault::Deny,
             allow: vec![],
+            rate_limit: None,
         },
     )
     .await;
@@ -494,6 +499,7 @@ async fn opaque_tcp_needs_a_rule_without_operations() {
                 }],
             },
         ],
+        rate_limit: None,
     };
     let mut spec = SidecarSpec::new("cache", echo).inbound(inbound);
     spec.app_protocol = "tcp";

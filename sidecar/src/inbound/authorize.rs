@@ -57,7 +57,11 @@ pub enum Denial {
 
 impl Authorization {
     pub fn compile(config: &InboundConfig) -> Result<Self, CompileError> {
-        let InboundConfig { default, allow } = config;
+        let InboundConfig {
+            default,
+            allow,
+            rate_limit: _,
+        } = config;
         let rules = allow
             .iter()
             .enumerate()
@@ -290,7 +294,12 @@ mod tests {
     }
 
     fn authorization(default: AuthorizationDefault, allow: Vec<AllowConfig>) -> Authorization {
-        Authorization::compile(&InboundConfig { default, allow }).unwrap()
+        Authorization::compile(&InboundConfig {
+            default,
+            allow,
+            ..InboundConfig::default()
+        })
+        .unwrap()
     }
 
     #[test]
@@ -408,6 +417,7 @@ mod tests {
             Authorization::compile(&InboundConfig {
                 default: AuthorizationDefault::Deny,
                 allow: vec![AllowConfig::default(), rule],
+                ..InboundConfig::default()
             })
             .unwrap_err()
             .to_string()

@@ -132,6 +132,9 @@ impl Destinations {
                 endpoints: _,
                 subsets: _,
                 routes,
+                circuit_breaker: _,
+                bulkheads: _,
+                retry_budget: _,
             } = this.config;
             let routes = routes
                 .iter()
@@ -259,6 +262,9 @@ impl<'c> Compiled<'c> {
             endpoints,
             subsets,
             routes: _,
+            circuit_breaker: _,
+            bulkheads: _,
+            retry_budget: _,
         } = config;
         let mut all = Vec::with_capacity(endpoints.len());
         for (index, endpoint) in endpoints.iter().enumerate() {
@@ -546,7 +552,7 @@ mod tests {
             name: "r".into(),
             matches: Default::default(),
             backends,
-            timeout: None,
+            ..RouteConfig::default()
         }
     }
 

@@ -78,6 +78,9 @@ impl Route {
             matches,
             backends,
             timeout,
+            retries: _,
+            bulkhead: _,
+            fault: _,
         } = config;
         let matches = RouteMatch::compile(&format!("{at}.matches"), matches)?;
         let backends = if backends.is_empty() {
@@ -305,7 +308,7 @@ mod tests {
             name: "r".into(),
             matches,
             backends: vec![],
-            timeout: None,
+            ..RouteConfig::default()
         };
         Route::compile(
             "services.web.routes[0]",
@@ -502,6 +505,7 @@ mod tests {
                 })
                 .collect(),
             timeout: timeout.map(str::to_string),
+            ..RouteConfig::default()
         };
         let compile = |config: &RouteConfig| {
             Route::compile("services.web.routes[2]", config, &backend("all"), |_, b| {
