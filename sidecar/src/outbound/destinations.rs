@@ -23,6 +23,7 @@ use trellis_ca::{Credentials, SpiffeId};
 use super::{
     balance::{PeakEwma, p2c},
     connect::{H2Connector, PeerTarget},
+    outlier::{Outlier, Unavailable},
     route::{Backend, Route},
 };
 use crate::inbound::authorize::Authorization;
@@ -75,6 +76,8 @@ pub struct Endpoint {
     /// One multiplexed HTTP/2 connection, kept and re-dialled by the pool.
     pub client: Client<H2Connector, Incoming>,
     pub load: Arc<PeakEwma>,
+    /// The circuit breaker's view of this endpoint.
+    pub outlier: Outlier,
 }
 
 /// An endpoint is the same peer when both where to dial and who must answer are.
@@ -375,6 +378,13 @@ impl Backend {
     pub fn pick(&self) -> Option<&Arc<Endpoint>> {
         p2c(&self.endpoints, |e| &e.load)
     }
+
+    /// An endpoint that is not ejected, preferring one other than `avoid` (the one
+    /// a retry follows).
+    pub fn pick_for(&self, avoid: Option<&Arc<Endpoint>>) -> Result<&Arc<Endpoint>, Unavailable> {
+        let _ = avoid;
+        self.pick().ok_or(Unavailable::NoEndpoints)
+    }
 }
 
 // === impl Endpoint ===
@@ -414,6 +424,7 @@ impl Endpoint {
             target,
             client,
             load: Arc::new(PeakEwma::default()),
+            outlier: Outlier::default(),
         })
     }
 

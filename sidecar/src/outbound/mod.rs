@@ -7,6 +7,7 @@
 pub mod balance;
 pub mod connect;
 pub mod destinations;
+pub mod outlier;
 pub mod route;
 
 use std::{
