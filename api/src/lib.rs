@@ -38,3 +38,8 @@ pub mod discovery {
 /// The largest gRPC message either side accepts. tonic's 4 MiB default is too small
 /// for the config of a proxy that may call thousands of endpoints.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// The largest piece of a config one `ConfigPush` carries. A gRPC stream keeps an
+/// encode buffer as large as the largest message it sent, for as long as it lives:
+/// with whole configs that is a copy of the config per connected proxy.
+pub const CONFIG_CHUNK_BYTES: usize = 8 * 1024;

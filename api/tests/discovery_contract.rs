@@ -44,6 +44,7 @@ impl Discovery for TwoVersions {
                 if matches!(kind, Kind::Hello(_)) {
                     for config in &configs {
                         let push = ConfigPush {
+                            more: false,
                             version: config.version.clone(),
                             config_json: config.to_json().into(),
                         };

@@ -236,6 +236,8 @@ async fn subscribe(
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut joining = Some(joining);
     let mut current = String::new();
+    // A config arrives in pieces; it counts (and is ACKed) once the last is in.
+    let mut gathered = 0usize;
     loop {
         tokio::select! {
             push = pushes.message() => {
@@ -246,7 +248,11 @@ async fn subscribe(
                         return Err(format!("the stream: {:?}: {}", status.code(), status.message()));
                     }
                 };
-                let bytes = push.config_json.len();
+                gathered += push.config_json.len();
+                if push.more {
+                    continue;
+                }
+                let bytes = std::mem::take(&mut gathered);
                 let new = push.version != current;
                 current.clone_from(&push.version);
                 send(Kind::Ack(Ack { version: push.version })).await?;

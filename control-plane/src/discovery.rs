@@ -11,9 +11,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
+use trellis_api::CONFIG_CHUNK_BYTES;
 use trellis_api::discovery::v1::{
     Ack, ConfigPush, Heartbeat, Hello, Nack, ReportRequest, ReportResponse, SubscribeRequest,
     discovery_server::Discovery, subscribe_request::Kind,
@@ -37,7 +38,13 @@ pub struct DiscoveryService {
     compiler: Arc<Compiler>,
     /// A proxy whose heartbeats stop for this long leaves the registry.
     heartbeat_timeout: Duration,
+    /// Streams pushing a config at once. Each push is encoded into its stream's own
+    /// buffers; letting a thousand run together makes a thousand copies at once.
+    pushing: Arc<Semaphore>,
 }
+
+/// How many streams may be sending a config at the same time.
+const CONCURRENT_PUSHES: usize = 64;
 
 impl DiscoveryService {
     pub fn new(
@@ -51,6 +58,7 @@ impl DiscoveryService {
             registry,
             compiler,
             heartbeat_timeout,
+            pushing: Arc::new(Semaphore::new(CONCURRENT_PUSHES)),
         }
     }
 
@@ -156,12 +164,15 @@ impl Discovery for DiscoveryService {
             "proxy subscribed"
         );
         let proxy = self.registry.join(info.clone());
-        let (tx, rx) = mpsc::channel(4);
+        // One push at a time: tonic encodes every ready message into one buffer that its
+        // stream keeps for life, so a deeper queue means a bigger buffer per proxy.
+        let (tx, rx) = mpsc::channel(1);
         let session = Session {
             proxy,
             info,
             registry: self.registry.clone(),
             heartbeat_timeout: self.heartbeat_timeout,
+            pushing: self.pushing.clone(),
         };
         tokio::spawn(session.run(incoming, snapshots, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -197,6 +208,29 @@ impl Discovery for DiscoveryService {
     }
 }
 
+/// Sends `snapshot` as pushes of at most `CONFIG_CHUNK_BYTES`, each a slice of the
+/// shared encoding (no copy).
+async fn send_in_pieces(
+    tx: &mpsc::Sender<Result<ConfigPush, Status>>,
+    snapshot: &crate::compiler::Snapshot,
+) -> Result<(), ()> {
+    let json = &snapshot.json;
+    let mut start = 0;
+    loop {
+        let end = (start + CONFIG_CHUNK_BYTES).min(json.len());
+        let push = ConfigPush {
+            version: snapshot.version.clone(),
+            config_json: json.slice(start..end),
+            more: end < json.len(),
+        };
+        tx.send(Ok(push)).await.map_err(|_| ())?;
+        if end == json.len() {
+            return Ok(());
+        }
+        start = end;
+    }
+}
+
 /// One subscribed proxy: pushes its group's snapshots, reads its answers, and takes it
 /// out of the registry when the stream ends or its heartbeats stop.
 struct Session {
@@ -204,6 +238,7 @@ struct Session {
     info: ProxyInfo,
     registry: Arc<Registry>,
     heartbeat_timeout: Duration,
+    pushing: Arc<Semaphore>,
 }
 
 impl Session {
@@ -224,11 +259,10 @@ impl Session {
                         break "the control plane is shutting down";
                     }
                     let Some(snapshot) = snapshots.borrow_and_update().clone() else { continue };
-                    let push = ConfigPush {
-                        version: snapshot.version.clone(),
-                        config_json: snapshot.json.clone(),
+                    let Ok(_permit) = self.pushing.acquire().await else {
+                        break "the control plane is shutting down";
                     };
-                    if tx.send(Ok(push)).await.is_err() {
+                    if send_in_pieces(&tx, &snapshot).await.is_err() {
                         break "the proxy went away";
                     }
                     metrics::counter!(telemetry::PUSHES).increment(1);

@@ -145,15 +145,26 @@ impl Discovery for Upstream {
             .await?
             .into_inner();
         let corrupt = self.corrupt.clone();
-        let pushes = pushes.map(move |push| {
-            let mut push = push?;
-            if corrupt.load(Ordering::Relaxed) {
-                let mut config: serde_json::Value =
-                    serde_json::from_slice(&push.config_json).unwrap();
-                config["futureField"] = serde_json::Value::Bool(true);
-                push.config_json = serde_json::to_vec(&config).unwrap().into();
+        // Pieces of a config are gathered and passed on as one push, rewritten or not.
+        let mut gathered = Vec::new();
+        let pushes = pushes.filter_map(move |push| {
+            let mut push = match push {
+                Ok(push) => push,
+                Err(status) => return Some(Err(status)),
+            };
+            gathered.extend_from_slice(&push.config_json);
+            if push.more {
+                return None;
             }
-            Ok(push)
+            let json = std::mem::take(&mut gathered);
+            push.config_json = if corrupt.load(Ordering::Relaxed) {
+                let mut config: serde_json::Value = serde_json::from_slice(&json).unwrap();
+                config["futureField"] = serde_json::Value::Bool(true);
+                serde_json::to_vec(&config).unwrap().into()
+            } else {
+                json.into()
+            };
+            Some(Ok(push))
         });
         Ok(Response::new(Box::pin(pushes)))
     }

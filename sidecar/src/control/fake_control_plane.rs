@@ -220,6 +220,7 @@ fn push(version: &str, config_json: Vec<u8>) -> ConfigPush {
     ConfigPush {
         version: version.into(),
         config_json: config_json.into(),
+        more: false,
     }
 }
 

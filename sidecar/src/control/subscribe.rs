@@ -146,6 +146,7 @@ impl Subscriber {
             healthy,
             "subscribed to the control plane"
         );
+        let mut pieces = Pieces::default();
         let period = self.heartbeat_interval;
         let mut heartbeat = tokio::time::interval_at(Instant::now() + period, period);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -155,8 +156,10 @@ impl Subscriber {
                 () = shutdown.cancelled() => return Ok(Ended::Shutdown),
                 push = pushes.next() => match push {
                     Some(Ok(push)) => {
-                        *pushed = true;
-                        send(&outbox, self.apply(push))?;
+                        if let Some((version, json)) = pieces.add(push) {
+                            *pushed = true;
+                            send(&outbox, self.apply(version, &json))?;
+                        }
                     }
                     Some(Err(status)) => return Err(ControlError::status(rpc, status)),
                     None => return Ok(Ended::ByServer),
@@ -195,11 +198,7 @@ impl Subscriber {
 
     /// Decodes and compiles a pushed config and swaps it in; the answer says whether
     /// it is in force.
-    fn apply(&self, push: ConfigPush) -> Kind {
-        let ConfigPush {
-            version,
-            config_json,
-        } = push;
+    fn apply(&self, version: String, config_json: &[u8]) -> Kind {
         let compiled = ProxyConfig::from_json(&config_json)
             .map_err(|e| format!("decoding the config: {e}"))
             .and_then(|mut config| {
@@ -224,6 +223,37 @@ impl Subscriber {
                 Kind::Nack(Nack { version, error })
             }
         }
+    }
+}
+
+/// Puts a config sent in pieces back together.
+#[derive(Debug, Default)]
+struct Pieces {
+    version: String,
+    json: Vec<u8>,
+}
+
+impl Pieces {
+    /// Adds one push; returns the whole config once its last piece is in. A piece of
+    /// another version drops what was gathered: the control plane moved on.
+    fn add(&mut self, push: ConfigPush) -> Option<(String, Vec<u8>)> {
+        let ConfigPush {
+            version,
+            config_json,
+            more,
+        } = push;
+        if version != self.version {
+            self.json.clear();
+            self.version = version;
+        }
+        self.json.extend_from_slice(&config_json);
+        if more {
+            return None;
+        }
+        Some((
+            std::mem::take(&mut self.version),
+            std::mem::take(&mut self.json),
+        ))
     }
 }
 
@@ -274,5 +304,39 @@ pub(crate) async fn probe_app(
             tracing::info!(app = %app_addr, healthy, "the app's health changed");
             true
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn piece(version: &str, json: &str, more: bool) -> ConfigPush {
+        ConfigPush {
+            version: version.into(),
+            config_json: json.as_bytes().to_vec().into(),
+            more,
+        }
+    }
+
+    #[test]
+    fn pieces_make_one_config_and_a_newer_version_starts_over() {
+        let mut pieces = Pieces::default();
+        assert_eq!(pieces.add(piece("v1", "{\"a\":", true)), None);
+        assert_eq!(
+            pieces.add(piece("v1", "1}", false)),
+            Some(("v1".into(), b"{\"a\":1}".to_vec()))
+        );
+        // v2 is cut short by v3: only v3 comes out, whole.
+        assert_eq!(pieces.add(piece("v2", "{\"b\":", true)), None);
+        assert_eq!(pieces.add(piece("v3", "{\"c\":", true)), None);
+        assert_eq!(
+            pieces.add(piece("v3", "3}", false)),
+            Some(("v3".into(), b"{\"c\":3}".to_vec()))
+        );
+        assert_eq!(
+            pieces.add(piece("v3", "{}", false)),
+            Some(("v3".into(), b"{}".to_vec()))
+        );
     }
 }
