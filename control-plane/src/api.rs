@@ -408,6 +408,7 @@ impl OperatorApi {
             &json!({
                 "trustDomain": self.authority.trust_domain().as_str(),
                 "revision": revision,
+                "compiledRevision": self.compiler.compiled_revision(),
                 "proxies": proxies.len(),
                 "rootNotAfterUnix": self.authority.roots_not_after().map(|t| t.unix_timestamp()),
                 "intermediateNotAfterUnix": self.authority.intermediate_not_after().unix_timestamp(),

@@ -377,6 +377,8 @@ pub struct Compiler {
     known: Mutex<BTreeSet<(String, String)>>,
     /// The endpoints last written to the store, to write only changes.
     persisted: Mutex<Vec<u8>>,
+    /// The store revision the last finished round compiled (at least).
+    compiled_revision: std::sync::atomic::AtomicU64,
     cert_ttl: watch::Sender<Duration>,
 }
 
@@ -397,6 +399,7 @@ impl Compiler {
             groups: Mutex::default(),
             known: Mutex::default(),
             persisted: Mutex::default(),
+            compiled_revision: std::sync::atomic::AtomicU64::new(0),
             cert_ttl,
         }
     }
@@ -412,6 +415,12 @@ impl Compiler {
                 receiver
             }
         }
+    }
+
+    /// The store revision every published config reflects.
+    pub fn compiled_revision(&self) -> u64 {
+        self.compiled_revision
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn changed(&self) {
@@ -464,6 +473,8 @@ impl Compiler {
     /// publish the ones that changed. Blocking (store reads); runs off the runtime.
     pub fn compile_round(&self) -> Result<(), crate::store::StoreError> {
         let start = Instant::now();
+        // Read before the resources: what is compiled is at least this revision.
+        let revision = self.store.revision()?;
         let resources = Resources::from_documents(self.store.list(None)?);
         if let Some(ttl) = resources.cert_ttl() {
             self.cert_ttl
@@ -515,6 +526,8 @@ impl Compiler {
             pushed += u64::from(modified);
         }
         drop(groups);
+        self.compiled_revision
+            .fetch_max(revision, std::sync::atomic::Ordering::Release);
         metrics::counter!(telemetry::COMPILES).increment(1);
         metrics::histogram!(telemetry::COMPILE_DURATION).record(start.elapsed().as_secs_f64());
         tracing::debug!(changed = pushed, elapsed = ?start.elapsed(), "proxy configs compiled");

@@ -154,6 +154,19 @@ impl ControlPlane {
     /// was sent, and no recompile is pending (two polls agree); returns their state.
     pub async fn converged(&self, n: usize) -> Vec<Value> {
         let deadline = Instant::now() + Duration::from_secs(20);
+        // First the compiler catches up with the store (an apply just made)...
+        loop {
+            let (_, status) = self.call(Method::GET, "/v1/status", None).await;
+            if status["compiledRevision"].as_u64() >= status["revision"].as_u64() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the compiler is behind: {status}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // ...then every proxy runs what it was sent.
         let mut previous: Option<Vec<Value>> = None;
         loop {
             let proxies = self.proxies().await;

@@ -362,7 +362,7 @@ fn allow(from: Vec<SourceConfig>, to: Vec<OperationConfig>) -> InboundConfig {
 
 fn assert_denied(answer: &Answer, caller: &str) {
     assert_eq!(answer.status, StatusCode::FORBIDDEN, "{}", answer.body);
-    assert_eq!(answer.header("x-trellis-error"), "denied");
+    assert_eq!(answer.header("x-trellis-error"), "unauthorized");
     assert!(
         answer.body.contains(caller) && answer.body.contains("\"b\""),
         "the body names the caller and the service: {}",
@@ -386,8 +386,8 @@ async fn only_an_allowed_identity_reaches_the_app() {
     assert_eq!(
         metric_value(
             &metrics,
-            "trellis_inbound_denied_total",
-            &[("service", "b")]
+            "trellis_authz_decisions_total",
+            &[("service", "b"), ("decision", "deny")]
         ),
         2.0
     );
@@ -536,8 +536,8 @@ async fn opaque_tcp_needs_a_rule_without_operations() {
     assert_eq!(
         metric_value(
             &metrics,
-            "trellis_inbound_denied_total",
-            &[("service", "cache")]
+            "trellis_authz_decisions_total",
+            &[("service", "cache"), ("decision", "deny")]
         ),
         1.0
     );

@@ -12,7 +12,7 @@ use trellis_ca::SpiffeId;
 use crate::outbound::{destinations::CompileError, route::parse_method};
 
 /// Requests and connections refused by authorization, by local service.
-pub const DENIED: &str = "trellis_inbound_denied_total";
+pub const DECISIONS: &str = "trellis_authz_decisions_total";
 
 #[derive(Debug, Default)]
 pub struct Authorization {

@@ -5,6 +5,7 @@
 
 pub mod authorize;
 pub mod detect;
+pub mod rate_limit;
 
 use std::{
     future::Future,
@@ -43,6 +44,7 @@ use crate::{
     telemetry::{self, Direction},
 };
 use detect::Protocol;
+use rate_limit::RateLimiter;
 
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -60,6 +62,12 @@ pub struct Inbound {
     tls: TlsAcceptor,
     app_h1: Client<AppConnector, Incoming>,
     app_h2: Client<AppConnector, Incoming>,
+    rate_limiter: RateLimiter,
+    /// Authorization decisions and rate-limit refusals, counted without a label
+    /// lookup per request.
+    allowed: metrics::Counter,
+    denied: metrics::Counter,
+    limited: metrics::Counter,
 }
 
 impl std::fmt::Debug for Inbound {
@@ -84,9 +92,16 @@ impl Inbound {
         let mut tls = trellis_ca::server_config(creds)?;
         tls.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_TCP.to_vec()];
         metrics::describe_counter!(
-            authorize::DENIED,
-            "Inbound requests and opaque connections refused by authorization"
+            authorize::DECISIONS,
+            "Inbound requests and opaque connections by authorization decision (allow, deny)"
         );
+        metrics::describe_counter!(
+            rate_limit::LIMITED,
+            "Inbound requests refused with 429 by the local rate limit"
+        );
+        let decision = |decision: &'static str| metrics::counter!(authorize::DECISIONS, "service" => service.clone(), "decision" => decision);
+        let (allowed, denied) = (decision("allow"), decision("deny"));
+        let limited = metrics::counter!(rate_limit::LIMITED, "service" => service.clone());
         let client = |http2_only| {
             Client::builder(TokioExecutor::new())
                 .http2_only(http2_only)
@@ -105,6 +120,10 @@ impl Inbound {
             tls: TlsAcceptor::from(Arc::new(tls)),
             app_h1: client(false),
             app_h2: client(true),
+            rate_limiter: RateLimiter::default(),
+            allowed,
+            denied,
+            limited,
         })
     }
 
@@ -166,7 +185,7 @@ impl Inbound {
     {
         let authorized = self.destinations.load().authorization().check_stream(peer);
         if let Err(denial) = authorized {
-            metrics::counter!(authorize::DENIED, "service" => self.service.clone()).increment(1);
+            self.denied.increment(1);
             return tracing::info!(
                 peer_id = peer.map(SpiffeId::as_str),
                 service = self.service,
@@ -174,6 +193,7 @@ impl Inbound {
                 "opaque TCP connection denied"
             );
         }
+        self.allowed.increment(1);
         if self.app_kind != AppKind::Tcp {
             return tracing::info!(
                 peer_id = peer.map(SpiffeId::as_str),
@@ -221,16 +241,26 @@ impl Inbound {
             .map(str::to_string)
             .unwrap_or_else(|| self.app_addr.to_string());
 
-        let authorized = self
-            .destinations
-            .load()
-            .authorization()
-            .check_request(caller.peer.as_ref(), &req);
-        let response = if let Err(denial) = authorized {
+        let (limited, authorized) = {
+            let destinations = self.destinations.load();
+            let limit = destinations.config().inbound.rate_limit.as_ref();
+            let limited = self
+                .rate_limiter
+                .admit(limit, caller.peer.as_ref(), Instant::now());
+            let authorized = destinations
+                .authorization()
+                .check_request(caller.peer.as_ref(), &req);
+            (limited, authorized)
+        };
+        let response = if let Err(wait) = limited {
+            self.limit(caller, wait)
+        } else if let Err(denial) = authorized {
             self.deny(caller, &method, &path, denial)
         } else if is_upgrade(&req) {
+            self.allowed.increment(1);
             self.upgrade(req, caller).await
         } else {
+            self.allowed.increment(1);
             self.forward(req, caller, protocol, &authority).await
         };
 
@@ -264,7 +294,7 @@ impl Inbound {
         path: &str,
         denial: authorize::Denial,
     ) -> Response<ProxyBody> {
-        metrics::counter!(authorize::DENIED, "service" => self.service.clone()).increment(1);
+        self.denied.increment(1);
         let who = caller
             .peer
             .as_ref()
@@ -281,7 +311,27 @@ impl Inbound {
             reason = denial.reason(),
             "request denied"
         );
-        mesh_error(StatusCode::FORBIDDEN, "denied", message)
+        mesh_error(StatusCode::FORBIDDEN, "unauthorized", message)
+    }
+
+    /// 429 with `retry-after`: the service's local rate limit has no token left.
+    fn limit(&self, caller: &Caller, wait: Duration) -> Response<ProxyBody> {
+        self.limited.increment(1);
+        let seconds = rate_limit::retry_after_seconds(wait);
+        let message = format!(
+            "service {:?} is over its rate limit; retry in {seconds}s",
+            self.service
+        );
+        tracing::debug!(
+            peer_id = caller.peer.as_ref().map(SpiffeId::as_str),
+            retry_after = seconds,
+            "request rate limited"
+        );
+        let mut response = mesh_error(StatusCode::TOO_MANY_REQUESTS, "rate-limited", message);
+        response
+            .headers_mut()
+            .insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
+        response
     }
 
     async fn forward(
