@@ -132,10 +132,12 @@ impl Admin {
             (&Method::GET, "/ready") => text(StatusCode::OK, "ready"),
             (&Method::GET, "/metrics") => {
                 let mut body = self.metrics.render();
+                let destinations = self.destinations.load();
                 body.push_str(&telemetry::render_state(
-                    &self.destinations.load().config().version,
+                    &destinations.config().version,
                     self.creds.svid().map(|svid| svid.not_after()),
                 ));
+                body.push_str(&destinations.render_ejections());
                 let mut response = Response::new(Full::new(Bytes::from(body)));
                 response.headers_mut().insert(
                     header::CONTENT_TYPE,

@@ -78,7 +78,35 @@ pub fn install_metrics() -> Result<PrometheusHandle, String> {
         CERT_RENEWALS,
         "Certify requests (the first certificate and renewals), by result"
     );
+    describe_resilience();
     Ok(handle)
+}
+
+/// HELP lines of the resilience layers' metrics (docs/resilience.md).
+fn describe_resilience() {
+    use crate::outbound::{bulkhead, fault, outlier, retry};
+    metrics::describe_counter!(
+        retry::RETRIES,
+        "Retries sent, by destination service and the condition that caused them"
+    );
+    metrics::describe_counter!(
+        retry::BUDGET_EXHAUSTED,
+        "Failures returned without a retry because the retry budget was spent"
+    );
+    metrics::describe_counter!(
+        outlier::EJECTIONS,
+        "Times an endpoint was ejected by the circuit breaker"
+    );
+    metrics::describe_gauge!(bulkhead::IN_FLIGHT, "Requests holding a bulkhead slot");
+    metrics::describe_gauge!(bulkhead::QUEUED, "Requests waiting for a bulkhead slot");
+    metrics::describe_counter!(
+        bulkhead::REJECTED,
+        "Requests refused with 503 bulkhead-full"
+    );
+    metrics::describe_counter!(
+        fault::INJECTED,
+        "Requests delayed or aborted by a route's fault injection, by kind"
+    );
 }
 
 /// The gauges that describe current state rather than events, in Prometheus text, to

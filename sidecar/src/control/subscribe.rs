@@ -158,7 +158,13 @@ impl Subscriber {
                     Some(Ok(push)) => {
                         if let Some((version, json)) = pieces.add(push) {
                             *pushed = true;
-                            send(&outbox, self.apply(version, &json))?;
+                            let answer = match json {
+                                Some(json) => self.apply(version, &json),
+                                None => self.refuse(version, format!(
+                                    "the config is larger than {MAX_MESSAGE_BYTES} bytes"
+                                )),
+                            };
+                            send(&outbox, answer)?;
                         }
                     }
                     Some(Err(status)) => return Err(ControlError::status(rpc, status)),
@@ -199,7 +205,7 @@ impl Subscriber {
     /// Decodes and compiles a pushed config and swaps it in; the answer says whether
     /// it is in force.
     fn apply(&self, version: String, config_json: &[u8]) -> Kind {
-        let compiled = ProxyConfig::from_json(&config_json)
+        let compiled = ProxyConfig::from_json(config_json)
             .map_err(|e| format!("decoding the config: {e}"))
             .and_then(|mut config| {
                 // The push's version is the one ACKed, so it is the one shown.
@@ -217,12 +223,14 @@ impl Subscriber {
                 tracing::info!(version, "config applied");
                 Kind::Ack(Ack { version })
             }
-            Err(error) => {
-                metrics::counter!(telemetry::CONFIG_UPDATES, "result" => "nack").increment(1);
-                tracing::warn!(version, error, "config refused; keeping the last good one");
-                Kind::Nack(Nack { version, error })
-            }
+            Err(error) => self.refuse(version, error),
         }
+    }
+
+    fn refuse(&self, version: String, error: String) -> Kind {
+        metrics::counter!(telemetry::CONFIG_UPDATES, "result" => "nack").increment(1);
+        tracing::warn!(version, error, "config refused; keeping the last good one");
+        Kind::Nack(Nack { version, error })
     }
 }
 
@@ -231,12 +239,15 @@ impl Subscriber {
 struct Pieces {
     version: String,
     json: Vec<u8>,
+    /// This version outgrew the limit; its pieces are dropped until the last.
+    oversized: bool,
 }
 
 impl Pieces {
     /// Adds one push; returns the whole config once its last piece is in. A piece of
     /// another version drops what was gathered: the control plane moved on.
-    fn add(&mut self, push: ConfigPush) -> Option<(String, Vec<u8>)> {
+    /// `None` in place of the config means it was too large to keep.
+    fn add(&mut self, push: ConfigPush) -> Option<(String, Option<Vec<u8>>)> {
         let ConfigPush {
             version,
             config_json,
@@ -244,16 +255,22 @@ impl Pieces {
         } = push;
         if version != self.version {
             self.json.clear();
+            self.oversized = false;
             self.version = version;
         }
-        self.json.extend_from_slice(&config_json);
+        if self.json.len() + config_json.len() > MAX_MESSAGE_BYTES {
+            self.json = Vec::new();
+            self.oversized = true;
+        }
+        if !self.oversized {
+            self.json.extend_from_slice(&config_json);
+        }
         if more {
             return None;
         }
-        Some((
-            std::mem::take(&mut self.version),
-            std::mem::take(&mut self.json),
-        ))
+        let json = std::mem::take(&mut self.json);
+        let whole = !std::mem::take(&mut self.oversized);
+        Some((std::mem::take(&mut self.version), whole.then_some(json)))
     }
 }
 
@@ -325,18 +342,18 @@ mod tests {
         assert_eq!(pieces.add(piece("v1", "{\"a\":", true)), None);
         assert_eq!(
             pieces.add(piece("v1", "1}", false)),
-            Some(("v1".into(), b"{\"a\":1}".to_vec()))
+            Some(("v1".into(), Some(b"{\"a\":1}".to_vec())))
         );
         // v2 is cut short by v3: only v3 comes out, whole.
         assert_eq!(pieces.add(piece("v2", "{\"b\":", true)), None);
         assert_eq!(pieces.add(piece("v3", "{\"c\":", true)), None);
         assert_eq!(
             pieces.add(piece("v3", "3}", false)),
-            Some(("v3".into(), b"{\"c\":3}".to_vec()))
+            Some(("v3".into(), Some(b"{\"c\":3}".to_vec())))
         );
         assert_eq!(
             pieces.add(piece("v3", "{}", false)),
-            Some(("v3".into(), b"{}".to_vec()))
+            Some(("v3".into(), Some(b"{}".to_vec())))
         );
     }
 }

@@ -127,22 +127,58 @@ impl Drop for InFlight {
 
 /// Picks among `items` with power of two choices; `load` gives each one's estimate.
 pub fn p2c<T>(items: &[T], load: impl Fn(&T) -> &PeakEwma) -> Option<&T> {
-    match items {
-        [] => None,
-        [only] => Some(only),
-        _ => {
-            let a = fastrand::usize(..items.len());
-            // A second index that differs from the first, uniformly.
-            let b = (a + 1 + fastrand::usize(..items.len() - 1)) % items.len();
-            let now = Instant::now();
-            let (x, y) = (&items[a], &items[b]);
-            Some(if load(x).cost(now) <= load(y).cost(now) {
-                x
-            } else {
-                y
-            })
+    let now = Instant::now();
+    p2c_where(items, |item| load(item).cost(now), |_| true)
+}
+
+/// Power of two choices among the items `eligible` admits, by `cost`, without
+/// allocating: two distinct eligible items drawn uniformly, the cheaper wins.
+/// `eligible` may be asked more than once per item, so it must only look, not take.
+pub fn p2c_where<T>(
+    items: &[T],
+    cost: impl Fn(&T) -> f64,
+    eligible: impl Fn(&T) -> bool,
+) -> Option<&T> {
+    let cheaper = |x, y| if cost(x) <= cost(y) { x } else { y };
+    if items.len() >= 2 {
+        // Usually every item is eligible: one draw settles it.
+        let (a, b) = two_of(items.len());
+        if eligible(&items[a]) && eligible(&items[b]) {
+            return Some(cheaper(&items[a], &items[b]));
         }
     }
+    let count = items.iter().filter(|i| eligible(i)).count();
+    if count < 2 {
+        return items.iter().find(|i| eligible(i));
+    }
+    // By rank among the eligible, kept in draw order: ties go to the first drawn,
+    // which must not always be the lower index.
+    let (a, b) = two_of(count);
+    let (mut x, mut y) = (None, None);
+    for (rank, item) in items.iter().filter(|i| eligible(i)).enumerate() {
+        if rank == a {
+            x = Some(item);
+        } else if rank == b {
+            y = Some(item);
+        }
+        if x.is_some() && y.is_some() {
+            break;
+        }
+    }
+    // The set may shrink between the count and this walk (an ejection elsewhere):
+    // then take what is left.
+    match (x, y) {
+        (Some(x), Some(y)) => Some(cheaper(x, y)),
+        (Some(one), None) | (None, Some(one)) => Some(one),
+        (None, None) => items.iter().find(|i| eligible(i)),
+    }
+}
+
+/// Two distinct indexes below `n` (at least 2), uniformly.
+fn two_of(n: usize) -> (usize, usize) {
+    let a = fastrand::usize(..n);
+    let b = (a + 1 + fastrand::usize(..n - 1)) % n;
+    (a, b)
 }
 
 #[cfg(test)]
@@ -209,5 +245,38 @@ mod tests {
         // The fast one wins whenever it is drawn: 2 of 3 draws.
         assert!((1800..2200).contains(&fast), "{fast}");
         assert!(p2c::<Arc<PeakEwma>>(&[], |l| l).is_none());
+    }
+
+    #[test]
+    fn p2c_where_draws_only_among_the_eligible() {
+        let cost = |l: &Arc<PeakEwma>| l.cost(Instant::now());
+        // Never observed: exactly equal costs.
+        let items: Vec<_> = (0..6).map(|_| Arc::new(PeakEwma::default())).collect();
+        let index = |picked: &Arc<PeakEwma>| items.iter().position(|i| Arc::ptr_eq(i, picked));
+        let mut seen = [0; 6];
+        for _ in 0..3000 {
+            let picked = p2c_where(&items, cost, |l| index(l).is_some_and(|i| i % 2 == 0));
+            seen[index(picked.unwrap()).unwrap()] += 1;
+        }
+        assert_eq!([seen[1], seen[3], seen[5]], [0, 0, 0]);
+        // Equal costs: ties go either way, so the eligible share evenly.
+        assert!(seen.iter().step_by(2).all(|&n| n > 800), "{seen:?}");
+
+        let only = |l: &Arc<PeakEwma>| index(l) == Some(4);
+        for _ in 0..100 {
+            assert!(Arc::ptr_eq(
+                p2c_where(&items, cost, only).unwrap(),
+                &items[4]
+            ));
+        }
+        assert!(p2c_where(&items, cost, |_| false).is_none());
+        assert!(p2c_where::<Arc<PeakEwma>>(&[], cost, |_| true).is_none());
+
+        // The cheaper of the two eligible wins every time.
+        let two = [observed(20), observed(50), observed(1)];
+        for _ in 0..100 {
+            let picked = p2c_where(&two, cost, |l| !Arc::ptr_eq(l, &two[2])).unwrap();
+            assert!(Arc::ptr_eq(picked, &two[0]));
+        }
     }
 }

@@ -7,11 +7,10 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant, SystemTime},
 };
 
-use http::Request;
-use hyper::body::Incoming;
+use http::{Request, Response, StatusCode};
 use hyper_util::{
     client::legacy::Client,
     rt::{TokioExecutor, TokioTimer},
@@ -21,12 +20,17 @@ use trellis_api::config::{BackendConfig, EndpointConfig, ProxyConfig, ServiceCon
 use trellis_ca::{Credentials, SpiffeId};
 
 use super::{
-    balance::{PeakEwma, p2c},
+    balance::{PeakEwma, p2c, p2c_where},
+    bulkhead::Bulkheads,
     connect::{H2Connector, PeerTarget},
-    outlier::{Outlier, Unavailable},
+    outlier::{self, Breaker, Outlier, Policy, Unavailable},
+    retry::{BudgetWindow, PeerBody, RetryBudget},
     route::{Backend, Route},
 };
-use crate::inbound::authorize::Authorization;
+use crate::{
+    http::{ProxyBody, mesh_error},
+    inbound::authorize::Authorization,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {
@@ -68,13 +72,15 @@ pub struct Destination {
     routes: Vec<Route>,
     /// Where a request no route matches goes: every endpoint.
     whole: Backend,
+    /// The service's pools; requests no route matches take `default`.
+    pub bulkheads: Bulkheads,
 }
 
 #[derive(Debug)]
 pub struct Endpoint {
     pub target: Arc<PeerTarget>,
     /// One multiplexed HTTP/2 connection, kept and re-dialled by the pool.
-    pub client: Client<H2Connector, Incoming>,
+    pub client: Client<H2Connector, PeerBody>,
     pub load: Arc<PeakEwma>,
     /// The circuit breaker's view of this endpoint.
     pub outlier: Outlier,
@@ -95,12 +101,13 @@ struct Compiled<'c> {
 
 impl Destinations {
     pub fn compile(config: ProxyConfig, creds: &Credentials) -> Result<Self, CompileError> {
-        Self::compile_reusing(config, creds, HashMap::new())
+        Self::compile_reusing(config, creds, HashMap::new(), None)
     }
 
     /// Compiles the config that replaces this one. Endpoints that stay (same address
     /// and identity) keep their `Arc<Endpoint>`: their pooled connection and load
-    /// estimate, so a push never drops in-flight requests or reconnects.
+    /// estimate, so a push never drops in-flight requests or reconnects. Bulkhead
+    /// pools whose limits stay keep their slots and waiters.
     pub fn compile_next(
         &self,
         config: ProxyConfig,
@@ -112,20 +119,25 @@ impl Destinations {
             .flat_map(|d| d.endpoints.iter())
             .map(|e| (e.key(), e.clone()))
             .collect();
-        Self::compile_reusing(config, creds, current)
+        Self::compile_reusing(config, creds, current, Some(self))
     }
 
     fn compile_reusing(
         config: ProxyConfig,
         creds: &Credentials,
         mut built: HashMap<EndpointKey, Arc<Endpoint>>,
+        previous: Option<&Destinations>,
     ) -> Result<Self, CompileError> {
         let authorization = Authorization::compile(&config.inbound)?;
         let mut compiled = BTreeMap::new();
         for (name, service) in &config.services {
+            // The retry budget keeps counting while the service stays.
+            let window = previous
+                .and_then(|p| p.services.get(name.as_str()))
+                .map(|d| d.whole.budget.window().clone());
             compiled.insert(
                 name.as_str(),
-                Compiled::new(name, service, creds, &mut built)?,
+                Compiled::new(name, service, creds, &mut built, window)?,
             );
         }
         let mut services = HashMap::with_capacity(compiled.len());
@@ -135,16 +147,26 @@ impl Destinations {
                 endpoints: _,
                 subsets: _,
                 routes,
+                // Compiled with the endpoints, which its breaker needs.
                 circuit_breaker: _,
-                bulkheads: _,
+                bulkheads,
+                // Compiled with the backends, which carry it.
                 retry_budget: _,
             } = this.config;
+            let bulkheads = Bulkheads::compile(
+                &format!("services.{name}"),
+                name,
+                bulkheads,
+                previous
+                    .and_then(|p| p.services.get(*name))
+                    .map(|d| &d.bulkheads),
+            )?;
             let routes = routes
                 .iter()
                 .enumerate()
                 .map(|(r, route)| {
                     let at = format!("services.{name}.routes[{r}]");
-                    Route::compile(&at, route, &this.whole, |field, backend| {
+                    Route::compile(&at, route, &this.whole, &bulkheads, |field, backend| {
                         this.backend(field, backend, &compiled)
                     })
                 })
@@ -157,6 +179,7 @@ impl Destinations {
                     endpoints: this.whole.endpoints.clone(),
                     routes,
                     whole: this.whole.clone(),
+                    bulkheads,
                 }),
             );
         }
@@ -213,16 +236,33 @@ impl Destinations {
 
     /// A view for `/config`: the config as given, plus each endpoint's live state.
     pub fn snapshot(&self) -> DestinationsView<'_> {
+        let (now, wall) = (Instant::now(), SystemTime::now());
         let mut endpoints: Vec<EndpointView<'_>> = self
             .services
             .values()
             .flat_map(|d| {
-                d.endpoints.iter().map(|e| EndpointView {
-                    service: &d.name,
-                    address: e.target.addr,
-                    identity: e.target.identity.as_str(),
-                    ewma_rtt_ms: e.load.rtt().as_secs_f64() * 1e3,
-                    in_flight: e.load.pending(),
+                d.endpoints.iter().map(move |e| {
+                    let outlier::OutlierState {
+                        ejected,
+                        half_open,
+                        ejected_until,
+                        remaining,
+                        consecutive_failures,
+                        ejections,
+                    } = e.outlier.state_at(now, wall);
+                    EndpointView {
+                        service: &d.name,
+                        address: e.target.addr,
+                        identity: e.target.identity.as_str(),
+                        ewma_rtt_ms: e.load.rtt().as_secs_f64() * 1e3,
+                        in_flight: e.load.pending(),
+                        ejected,
+                        half_open,
+                        ejected_until: ejected_until.map(crate::telemetry::rfc3339),
+                        ejection_remaining_ms: remaining.map(|r| r.as_secs_f64() * 1e3),
+                        consecutive_failures,
+                        ejections,
+                    }
                 })
             })
             .collect();
@@ -232,6 +272,50 @@ impl Destinations {
             endpoints,
         }
     }
+}
+
+impl Destinations {
+    /// `trellis_endpoint_ejected` in Prometheus text, from the live state at scrape
+    /// time (an endpoint that left the config leaves no series behind). Only services
+    /// with a `circuitBreaker`: the others never eject.
+    pub fn render_ejections(&self) -> String {
+        use std::fmt::Write;
+        let mut services: Vec<_> = self
+            .services
+            .values()
+            .filter(|d| d.breaker().policy().is_some())
+            .collect();
+        if services.is_empty() {
+            return String::new();
+        }
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        let name = outlier::EJECTED;
+        let mut out = format!(
+            "# HELP {name} 1 while the circuit breaker keeps the endpoint out of rotation (ejected or half-open)\n\
+             # TYPE {name} gauge\n"
+        );
+        for destination in services {
+            for endpoint in destination.endpoints.iter() {
+                let ejected = u8::from(endpoint.outlier.is_out());
+                let _ = writeln!(
+                    out,
+                    "{name}{{service=\"{}\",endpoint=\"{}\"}} {ejected}",
+                    label_value(&destination.name),
+                    endpoint.target.addr
+                );
+            }
+        }
+        out.push('\n');
+        out
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn label_value(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[derive(Debug, Serialize)]
@@ -249,6 +333,19 @@ pub struct EndpointView<'a> {
     pub identity: &'a str,
     pub ewma_rtt_ms: f64,
     pub in_flight: u64,
+    /// Out of rotation: ejected, or half-open until its probe succeeds.
+    pub ejected: bool,
+    /// The ejection time is over: one probe is let through (or is out).
+    pub half_open: bool,
+    /// When the ejection ends (absent once the probe is out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ejected_until: Option<String>,
+    /// How long the ejection has left; 0 once half-open.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ejection_remaining_ms: Option<f64>,
+    pub consecutive_failures: u32,
+    /// Ejections in a row; the next lasts `baseEjectionTime × 2^ejections`.
+    pub ejections: u32,
 }
 
 // === impl Compiled ===
@@ -259,16 +356,26 @@ impl<'c> Compiled<'c> {
         config: &'c ServiceConfig,
         creds: &Credentials,
         built: &mut HashMap<EndpointKey, Arc<Endpoint>>,
+        budget_window: Option<Arc<BudgetWindow>>,
     ) -> Result<Self, CompileError> {
         let ServiceConfig {
             namespace: _,
             endpoints,
             subsets,
             routes: _,
-            circuit_breaker: _,
+            circuit_breaker,
             bulkheads: _,
-            retry_budget: _,
+            retry_budget,
         } = config;
+        let budget = RetryBudget::compile(
+            &format!("services.{name}.retryBudget"),
+            retry_budget.as_ref(),
+            budget_window,
+        )?;
+        let policy = circuit_breaker
+            .as_ref()
+            .map(|cb| Policy::compile(&format!("services.{name}.circuitBreaker"), cb))
+            .transpose()?;
         let mut all = Vec::with_capacity(endpoints.len());
         for (index, endpoint) in endpoints.iter().enumerate() {
             let key = (endpoint.address, endpoint.identity.clone());
@@ -282,13 +389,15 @@ impl<'c> Compiled<'c> {
             };
             all.push(endpoint);
         }
+        let all: Arc<[Arc<Endpoint>]> = all.into();
+        let breaker = Arc::new(Breaker::new(name, policy, all.clone()));
         let subsets = subsets
             .iter()
             .map(|(subset, selector)| {
                 // A subset that selects nothing is no error: instances come and go.
                 let selected: Vec<_> = endpoints
                     .iter()
-                    .zip(&all)
+                    .zip(all.iter())
                     .filter(|(config, _)| {
                         selector
                             .iter()
@@ -300,6 +409,8 @@ impl<'c> Compiled<'c> {
                     service: name.to_string(),
                     subset: Some(subset.clone()),
                     endpoints: selected.into(),
+                    breaker: breaker.clone(),
+                    budget: budget.clone(),
                 };
                 (subset.as_str(), backend)
             })
@@ -309,7 +420,9 @@ impl<'c> Compiled<'c> {
             whole: Backend {
                 service: name.to_string(),
                 subset: None,
-                endpoints: all.into(),
+                endpoints: all,
+                breaker,
+                budget,
             },
             subsets,
         })
@@ -356,9 +469,23 @@ impl<'c> Compiled<'c> {
 // === impl Destination ===
 
 impl Destination {
-    /// All endpoints, as opaque TCP uses them.
+    /// An endpoint in rotation among all of them, as opaque TCP uses them. TCP
+    /// reports no outcomes, so it never takes a half-open endpoint's probe.
     pub fn pick(&self) -> Option<&Arc<Endpoint>> {
-        p2c(&self.endpoints, |e| &e.load)
+        if self.whole.breaker.policy().is_none() {
+            return p2c(&self.endpoints, |e| &e.load);
+        }
+        let now = Instant::now();
+        p2c_where(
+            &self.endpoints,
+            |e| e.load.cost(now),
+            |e| !e.outlier.is_out(),
+        )
+    }
+
+    /// The service's circuit breaker.
+    pub fn breaker(&self) -> &Arc<Breaker> {
+        &self.whole.breaker
     }
 
     /// The first route whose match holds and the backend drawn from it; without one,
@@ -375,15 +502,70 @@ impl Destination {
 // === impl Backend ===
 
 impl Backend {
+    /// `pick_for(None)`, for callers that need no reason.
     pub fn pick(&self) -> Option<&Arc<Endpoint>> {
-        p2c(&self.endpoints, |e| &e.load)
+        self.pick_for(None).ok()
+    }
+
+    /// The mesh's answer when `pick_for` has no endpoint: 503 `no-endpoints` or
+    /// `circuit-open`, naming the service and subset.
+    pub fn unavailable(&self, why: Unavailable) -> Response<ProxyBody> {
+        let what = match &self.subset {
+            Some(subset) => format!("subset {subset:?} of service {:?}", self.service),
+            None => format!("service {:?}", self.service),
+        };
+        let (kind, message) = match why {
+            Unavailable::NoEndpoints => ("no-endpoints", format!("{what} has no endpoints")),
+            Unavailable::CircuitOpen => (
+                "circuit-open",
+                format!("every endpoint of {what} is ejected by its circuit breaker"),
+            ),
+        };
+        mesh_error(StatusCode::SERVICE_UNAVAILABLE, kind, message)
     }
 
     /// An endpoint that is not ejected, preferring one other than `avoid` (the one
-    /// a retry follows).
+    /// a retry follows) while another is available. A half-open endpoint may be
+    /// picked as its one probe: the caller must `record` the outcome of every
+    /// request it sends to what this returns.
     pub fn pick_for(&self, avoid: Option<&Arc<Endpoint>>) -> Result<&Arc<Endpoint>, Unavailable> {
-        let _ = avoid;
-        self.pick().ok_or(Unavailable::NoEndpoints)
+        self.pick_at(avoid, Instant::now())
+    }
+
+    fn pick_at(
+        &self,
+        avoid: Option<&Arc<Endpoint>>,
+        now: Instant,
+    ) -> Result<&Arc<Endpoint>, Unavailable> {
+        let endpoints = &*self.endpoints;
+        let other = |e: &Arc<Endpoint>| avoid.is_none_or(|a| !Arc::ptr_eq(a, e));
+        let load = |e: &Arc<Endpoint>| e.load.cost(now);
+        if self.breaker.policy().is_none() {
+            // Nothing is ever ejected: P2C as it always was, around `avoid`.
+            return p2c_where(endpoints, load, other)
+                .or_else(|| p2c_where(endpoints, load, |_| true))
+                .ok_or(Unavailable::NoEndpoints);
+        }
+        // A half-open endpoint wins its draw: its estimate dates from before the
+        // ejection (slow, or the penalty of failed connects) and would otherwise keep
+        // its probe waiting long after the ejection ended.
+        let cost = |e: &Arc<Endpoint>| if e.outlier.is_out() { 0.0 } else { load(e) };
+        if endpoints.is_empty() {
+            return Err(Unavailable::NoEndpoints);
+        }
+        // Each miss (a probe another request took first, an ejection meanwhile)
+        // leaves one fewer candidate, so this ends.
+        for _ in 0..=endpoints.len() {
+            let admits = |e: &Arc<Endpoint>| e.outlier.admits(now);
+            let picked = p2c_where(endpoints, cost, |e| other(e) && admits(e))
+                .or_else(|| p2c_where(endpoints, cost, admits));
+            match picked {
+                Some(endpoint) if endpoint.outlier.admit(now) => return Ok(endpoint),
+                Some(_) => continue,
+                None => break,
+            }
+        }
+        Err(Unavailable::CircuitOpen)
     }
 }
 
@@ -424,7 +606,7 @@ impl Endpoint {
             target,
             client,
             load: Arc::new(PeakEwma::default()),
-            outlier: Outlier::default(),
+            outlier: Outlier::new(*address),
         })
     }
 
@@ -699,5 +881,297 @@ mod tests {
         });
         let e = compile(config).unwrap_err().to_string();
         assert!(e.starts_with("inbound.allow[1].from[0].identity:"), "{e}");
+    }
+
+    fn breaker(failures: u32, percent: u32) -> trellis_api::config::CircuitBreakerConfig {
+        trellis_api::config::CircuitBreakerConfig {
+            consecutive_failures: failures,
+            base_ejection_time: "10s".into(),
+            max_ejection_time: "1m".into(),
+            max_ejection_percent: percent,
+        }
+    }
+
+    /// `web` (:1 :2 v1, :3 v2) with a circuit breaker.
+    fn guarded(failures: u32, percent: u32) -> Destinations {
+        let mut config = web_with_routes(vec![]);
+        let web = config.services.get_mut("web").unwrap();
+        web.circuit_breaker = Some(breaker(failures, percent));
+        compile(config).unwrap()
+    }
+
+    fn fail(backend: &Backend, port: u16, times: u32, now: Instant) {
+        let endpoint = backend
+            .endpoints
+            .iter()
+            .find(|e| e.target.addr.port() == port)
+            .unwrap();
+        for _ in 0..times {
+            backend
+                .breaker
+                .record_at(&endpoint.outlier, outlier::Outcome::Failure, now);
+        }
+    }
+
+    fn picked_ports(backend: &Backend, now: Instant) -> std::collections::BTreeSet<u16> {
+        (0..200)
+            .filter_map(|_| backend.pick_at(None, now).ok())
+            .map(|e| e.target.addr.port())
+            .collect()
+    }
+
+    #[test]
+    fn pick_for_skips_ejected_endpoints_and_opens_when_all_are_out() {
+        let d = guarded(2, 100);
+        let web = d.get("web").unwrap();
+        let whole = &web.whole;
+        let t0 = Instant::now();
+        fail(whole, 1, 1, t0);
+        assert_eq!(picked_ports(whole, t0), [1, 2, 3].into(), "below the count");
+        fail(whole, 1, 1, t0);
+        assert_eq!(picked_ports(whole, t0), [2, 3].into());
+        fail(whole, 2, 2, t0);
+        fail(whole, 3, 2, t0);
+        assert_eq!(
+            whole.pick_at(None, t0).unwrap_err(),
+            Unavailable::CircuitOpen
+        );
+        let response = whole.unavailable(Unavailable::CircuitOpen);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["x-trellis-error"], "circuit-open");
+
+        // The v1 subset shares the state: ejected there too.
+        let v1 = d
+            .get("web")
+            .unwrap()
+            .route(&Request::get("/").body(()).unwrap())
+            .1;
+        assert_eq!(v1.pick_at(None, t0).unwrap_err(), Unavailable::CircuitOpen);
+
+        // Ten seconds on, all three are half-open: exactly one probe each.
+        let t1 = t0 + Duration::from_secs(10);
+        let probes: std::collections::BTreeSet<u16> = (0..3)
+            .map(|_| whole.pick_at(None, t1).unwrap().target.addr.port())
+            .collect();
+        assert_eq!(probes, [1, 2, 3].into());
+        assert_eq!(
+            whole.pick_at(None, t1).unwrap_err(),
+            Unavailable::CircuitOpen
+        );
+    }
+
+    #[test]
+    fn a_half_open_endpoint_gets_its_probe_however_slow_it_looked() {
+        let d = guarded(1, 100);
+        let whole = &d.get("web").unwrap().whole;
+        let t0 = Instant::now();
+        // Connects refused before the ejection: a 1 s penalty in its estimate.
+        whole.endpoints[0].load.start().fail();
+        fail(whole, 1, 1, t0);
+        let t1 = t0 + Duration::from_secs(10);
+        let picks: Vec<u16> = (0..50)
+            .map(|_| whole.pick_at(None, t1).unwrap().target.addr.port())
+            .collect();
+        assert_eq!(picks.iter().filter(|p| **p == 1).count(), 1, "{picks:?}");
+    }
+
+    #[test]
+    fn pick_for_avoids_the_endpoint_a_retry_follows_while_another_is_available() {
+        let d = guarded(1, 100);
+        let whole = &d.get("web").unwrap().whole;
+        let t0 = Instant::now();
+        let first = whole.endpoints[0].clone();
+        for _ in 0..100 {
+            let picked = whole.pick_at(Some(&first), t0).unwrap();
+            assert!(!Arc::ptr_eq(picked, &first));
+        }
+        fail(whole, 2, 1, t0);
+        fail(whole, 3, 1, t0);
+        let picked = whole.pick_at(Some(&first), t0).unwrap();
+        assert!(Arc::ptr_eq(picked, &first), "the only one left");
+
+        // Without a breaker too.
+        let d = compile(web_with_routes(vec![])).unwrap();
+        let whole = &d.get("web").unwrap().whole;
+        let first = whole.endpoints[0].clone();
+        assert!((0..100).all(|_| !Arc::ptr_eq(whole.pick_for(Some(&first)).unwrap(), &first)));
+    }
+
+    #[test]
+    fn the_ejection_cap_counts_the_whole_service() {
+        // 50% of 3 rounds down to 1.
+        let d = guarded(1, 50);
+        let web = d.get("web").unwrap();
+        let t0 = Instant::now();
+        fail(&web.whole, 1, 1, t0);
+        // :3 fails through its subset: the cap counts :1 of the whole service.
+        let v2 = Backend {
+            subset: Some("v2".into()),
+            endpoints: web.whole.endpoints[2..].into(),
+            ..web.whole.clone()
+        };
+        fail(&v2, 3, 5, t0);
+        fail(&web.whole, 2, 5, t0);
+        assert_eq!(picked_ports(&web.whole, t0), [2, 3].into());
+        let view = d.snapshot();
+        let ejected: Vec<_> = view.endpoints.iter().filter(|e| e.ejected).collect();
+        assert_eq!(ejected.len(), 1);
+        assert_eq!(ejected[0].address.port(), 1);
+        assert_eq!(ejected[0].ejections, 1);
+        let remaining = ejected[0].ejection_remaining_ms.unwrap();
+        assert!((9_000.0..=10_000.0).contains(&remaining), "{remaining}");
+        let kept = view
+            .endpoints
+            .iter()
+            .find(|e| e.address.port() == 3)
+            .unwrap();
+        assert_eq!((kept.ejected, kept.consecutive_failures), (false, 5));
+    }
+
+    #[test]
+    fn without_a_circuit_breaker_nothing_is_ejected() {
+        let d = compile(web_with_routes(vec![])).unwrap();
+        let whole = &d.get("web").unwrap().whole;
+        let t0 = Instant::now();
+        fail(whole, 1, 100, t0);
+        fail(whole, 2, 100, t0);
+        fail(whole, 3, 100, t0);
+        assert_eq!(picked_ports(whole, t0), [1, 2, 3].into());
+        assert_eq!(d.render_ejections(), "");
+        let view = d.snapshot();
+        let web: Vec<_> = view
+            .endpoints
+            .iter()
+            .filter(|e| e.service == "web")
+            .collect();
+        assert!(
+            web.iter()
+                .all(|e| !e.ejected && e.consecutive_failures == 100)
+        );
+    }
+
+    #[test]
+    fn ejections_survive_a_push_and_show_in_metrics() {
+        let creds = Credentials::new(Default::default());
+        let mut config = web_with_routes(vec![]);
+        config.services.get_mut("web").unwrap().circuit_breaker = Some(breaker(1, 100));
+        let first = Destinations::compile(config.clone(), &creds).unwrap();
+        fail(&first.get("web").unwrap().whole, 2, 1, Instant::now());
+        config.version = "2".into();
+        let next = first.compile_next(config, &creds).unwrap();
+        let whole = &next.get("web").unwrap().whole;
+        assert_eq!(picked_ports(whole, Instant::now()), [1, 3].into());
+        let text = next.render_ejections();
+        assert!(
+            text.starts_with("# HELP trellis_endpoint_ejected "),
+            "{text}"
+        );
+        assert!(
+            text.contains("trellis_endpoint_ejected{service=\"web\",endpoint=\"127.0.0.1:2\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("trellis_endpoint_ejected{service=\"web\",endpoint=\"127.0.0.1:1\"} 0\n"),
+            "{text}"
+        );
+        assert!(!text.contains("web-next"), "no breaker there: {text}");
+    }
+
+    #[test]
+    fn a_bad_circuit_breaker_is_named_by_its_field_path() {
+        let mut config = web_with_routes(vec![]);
+        let mut bad = breaker(1, 100);
+        bad.base_ejection_time = "soon".into();
+        config.services.get_mut("web").unwrap().circuit_breaker = Some(bad);
+        let e = compile(config).unwrap_err().to_string();
+        assert!(
+            e.starts_with(
+                "services.web.circuitBreaker.baseEjectionTime: invalid duration \"soon\""
+            ),
+            "{e}"
+        );
+    }
+
+    fn with_pools(routes: Vec<RouteConfig>, concurrent: u32) -> ProxyConfig {
+        let mut config = web_with_routes(routes);
+        config.services.get_mut("web").unwrap().bulkheads = ["default", "batch"]
+            .map(|name| trellis_api::config::BulkheadConfig {
+                name: name.into(),
+                max_concurrent_requests: concurrent,
+                max_pending_requests: 0,
+                max_pending_time: None,
+            })
+            .into();
+        config
+    }
+
+    #[test]
+    fn routes_take_their_pools_and_a_push_keeps_unchanged_ones() {
+        let creds = Credentials::new(Default::default());
+        let batch = RouteConfig {
+            bulkhead: Some("batch".into()),
+            ..rule(vec![])
+        };
+        let config = |concurrent| with_pools(vec![batch.clone()], concurrent);
+        let req = Request::get("/").body(()).unwrap();
+        // The routed request's pool, and the pool of requests no route matches.
+        let pools = |d: &Destinations| {
+            let web = d.get("web").unwrap();
+            let routed = web.route(&req).0.unwrap().bulkhead.clone().unwrap();
+            (routed, web.bulkheads.default_pool().unwrap().clone())
+        };
+
+        let first = Destinations::compile(config(1), &creds).unwrap();
+        let (batch_pool, default_pool) = pools(&first);
+        assert_eq!(batch_pool.name(), "batch");
+        assert_eq!(default_pool.name(), "default");
+        let web_next = first.get("web-next").unwrap();
+        assert!(web_next.bulkheads.default_pool().is_none(), "unbounded");
+
+        // Same limits: the same pools. New limits: new pools.
+        let same = first.compile_next(config(1), &creds).unwrap();
+        let (kept, _) = pools(&same);
+        assert!(Arc::ptr_eq(&batch_pool, &kept));
+        let changed = same.compile_next(config(2), &creds).unwrap();
+        let (rebuilt, rebuilt_default) = pools(&changed);
+        assert!(!Arc::ptr_eq(&batch_pool, &rebuilt));
+        assert!(!Arc::ptr_eq(&default_pool, &rebuilt_default));
+    }
+
+    #[test]
+    fn bad_pools_and_faults_are_named_by_their_field_path() {
+        let unknown = RouteConfig {
+            bulkhead: Some("x".into()),
+            ..rule(vec![])
+        };
+        let e = compile(with_pools(vec![rule(vec![]), unknown], 1))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "services.web.routes[1].bulkhead: no pool \"x\" (the service has [\"batch\", \"default\"])"
+        );
+        let e = compile(with_pools(vec![], 0)).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "services.web.bulkheads[0].maxConcurrentRequests: must be at least 1"
+        );
+        let faulty = RouteConfig {
+            fault: Some(trellis_api::config::FaultConfig {
+                delay: None,
+                abort: Some(trellis_api::config::FaultAbortConfig {
+                    status: 503,
+                    percent: 130.0,
+                }),
+            }),
+            ..rule(vec![])
+        };
+        let e = compile(web_with_routes(vec![faulty]))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "services.web.routes[0].fault.abort.percent: must be between 0 and 100, not 130"
+        );
     }
 }

@@ -5,9 +5,12 @@
 //! any endpoint of their service.
 
 pub mod balance;
+pub mod bulkhead;
 pub mod connect;
 pub mod destinations;
+pub mod fault;
 pub mod outlier;
+pub mod retry;
 pub mod route;
 
 use std::{
@@ -18,7 +21,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::Either;
 use hyper::body::Incoming;
 use tokio::net::TcpStream;
@@ -33,6 +36,8 @@ use crate::{
 };
 use connect::ConnectError;
 use destinations::{Destinations, Endpoint};
+use outlier::{Breaker, Outcome};
+use retry::{PeerBody, Replay, RetryPolicy, TryFailure};
 use route::{Backend, Route};
 
 #[derive(Debug)]
@@ -70,7 +75,30 @@ impl Outbound {
                 let deadline = route
                     .and_then(|r| r.timeout)
                     .and_then(|t| Some((start.checked_add(t)?, t)));
-                let (response, peer_id) = forward(route, backend, deadline, req, authority).await;
+                let until = deadline.map(|(at, _)| tokio::time::Instant::from_std(at));
+                let pool = match route {
+                    Some(route) => route.bulkhead.as_ref(),
+                    None => destination.bulkheads.default_pool(),
+                };
+                let (response, peer_id) = 'answer: {
+                    // Faults come first: an injected delay holds no slot and an abort
+                    // takes none.
+                    if let Some(fault) = route.and_then(|r| r.fault.as_ref())
+                        && let Some(answer) = fault.inject(&destination.name, until).await
+                    {
+                        break 'answer (answer, None);
+                    }
+                    // Held until the response headers are in (ProxyBody has no room
+                    // to carry it to the body's end): see docs/resilience.md.
+                    let _slot = match pool {
+                        Some(pool) => match pool.enter(until).await {
+                            Ok(slot) => Some(slot),
+                            Err(refusal) => break 'answer (pool.refusal(refusal), None),
+                        },
+                        None => None,
+                    };
+                    forward(route, backend, deadline, req, authority).await
+                };
                 (response, backend.service.as_str(), peer_id)
             }
             _ => {
@@ -149,9 +177,10 @@ impl Outbound {
     }
 }
 
-/// Sends the request to one endpoint of `backend`, and answers 504 if `deadline`
-/// passes before the response headers arrive. Returns the response and the id the
-/// endpoint was required to have.
+/// Sends the request to an endpoint of `backend`, and again to another while the
+/// route's `retries` allow it; answers 504 if `deadline` passes first, backoff pauses
+/// included. Returns the response and the id the last endpoint tried was required to
+/// have.
 async fn forward<'d>(
     route: Option<&Route>,
     backend: &'d Backend,
@@ -159,39 +188,16 @@ async fn forward<'d>(
     req: Request<Incoming>,
     authority: &str,
 ) -> (Response<ProxyBody>, Option<&'d str>) {
-    let Some(endpoint) = backend.pick() else {
-        let message = match &backend.subset {
-            Some(subset) => format!(
-                "subset {subset:?} of service {:?} has no endpoints",
-                backend.service
-            ),
-            None => format!("service {:?} has no endpoints", backend.service),
-        };
-        return (
-            mesh_error(StatusCode::SERVICE_UNAVAILABLE, "no-endpoints", message),
-            None,
-        );
-    };
-    let peer_id = Some(endpoint.target.identity.as_str());
-    let late = || {
-        let timeout = deadline.map(|(_, t)| t).unwrap_or_default();
-        let route = route.map_or("", |r| r.name.as_str());
-        let message = format!(
-            "service {:?} (endpoint {}) did not answer within the {timeout:?} timeout of route {route:?}",
-            backend.service, endpoint.target.addr
-        );
-        tracing::info!(error = %message, "request timed out");
-        mesh_error(StatusCode::GATEWAY_TIMEOUT, "timeout", message)
-    };
+    let route_name = route.map_or("", |r| r.name.as_str());
+    let policy = route.and_then(|r| r.retries.as_ref());
+    if policy.is_some() {
+        backend.budget.deposit(Instant::now());
+    }
     if is_upgrade(&req) {
-        let upgraded = upgrade(endpoint, req);
-        let response = match deadline {
-            Some((at, _)) => tokio::time::timeout_at(at.into(), upgraded)
-                .await
-                .unwrap_or_else(|_| late()),
-            None => upgraded.await,
-        };
-        return (response, peer_id);
+        // The connection becomes the upgraded protocol's: one try, never replayed.
+        let (response, peer_id) = upgrade_once(backend, deadline, route_name, req).await;
+        let tries = u32::from(peer_id.is_some());
+        return (with_attempts(response, policy, tries), peer_id);
     }
     let protocol = AppProtocol::of(&req);
     let (mut parts, body) = req.into_parts();
@@ -203,37 +209,268 @@ async fn forward<'d>(
     parts.headers.insert(APP_PROTOCOL, protocol.header_value());
     parts.uri = match retarget(&parts.uri, authority) {
         Ok(uri) => uri,
-        Err(e) => return (bad_target(&e), peer_id),
+        Err(e) => return (with_attempts(bad_target(&e), policy, 0), None),
     };
     parts.version = http::Version::HTTP_2;
 
+    // Only a request that may be sent again pays for keeping its body: the others
+    // (no retries, POST without allowNonIdempotent, a body over the limit) stream
+    // through untouched, as they always did.
+    let resend = policy
+        .filter(|p| p.attempts > 1 && p.may_retry(&parts.method))
+        .filter(|_| retry::fits(&parts.headers, &body));
+    let (mut request, resend) = match resend {
+        Some(policy) => {
+            let (replay, body) = Replay::new(body);
+            let resend = Resend {
+                replay,
+                method: parts.method.clone(),
+                uri: parts.uri.clone(),
+                headers: parts.headers.clone(),
+                attempts: policy.attempts,
+            };
+            (
+                Request::from_parts(parts, Either::Right(body)),
+                Some(resend),
+            )
+        }
+        None => (Request::from_parts(parts, Either::Left(body)), None),
+    };
+
+    let per_try_timeout = policy.and_then(|p| p.per_try_timeout);
+    let route_deadline = deadline.map(|(at, _)| at);
+    let mut tries = 0u32;
+    let mut previous: Option<&'d Arc<Endpoint>> = None;
+    let mut last_failure: Option<Response<ProxyBody>> = None;
+    loop {
+        let endpoint = match backend.pick_for(previous) {
+            Ok(endpoint) => endpoint,
+            Err(why) => {
+                // A retry that finds no endpoint leaves the last failure standing.
+                let response = last_failure.unwrap_or_else(|| backend.unavailable(why));
+                let peer_id = previous.map(|e| e.target.identity.as_str());
+                return (with_attempts(response, policy, tries), peer_id);
+            }
+        };
+        // The next try is out: the failure before it is no longer needed.
+        drop(last_failure.take());
+        tries += 1;
+        previous = Some(endpoint);
+        let peer_id = Some(endpoint.target.identity.as_str());
+        let per_try_deadline = per_try_timeout.and_then(|t| Instant::now().checked_add(t));
+        // Whichever deadline comes first ends the try; the route's ends the request.
+        let (until, route_cuts) = match (per_try_deadline, route_deadline) {
+            (Some(try_at), Some(route_at)) if try_at < route_at => (Some(try_at), false),
+            (Some(try_at), None) => (Some(try_at), false),
+            (_, route_at) => (route_at, true),
+        };
+        let (response, failure) = match try_once(endpoint, &backend.breaker, request, until).await {
+            Tried::Answered(response) => {
+                let status = response.status();
+                (response, TryFailure::Status(status))
+            }
+            Tried::Failed(error) => {
+                let failure = match connect_error(&error) {
+                    Some(_) => TryFailure::ConnectFailure,
+                    None => TryFailure::Reset,
+                };
+                (peer_failure(&error, &endpoint.target.addr), failure)
+            }
+            Tried::TimedOut if route_cuts => {
+                let late = route_timeout(backend, endpoint, deadline, route_name, tries);
+                return (with_attempts(late, policy, tries), peer_id);
+            }
+            Tried::TimedOut => {
+                let timeout = per_try_timeout.unwrap_or_default();
+                let late = per_try_late(backend, endpoint, timeout, route_name);
+                (late, TryFailure::PerTryTimeout)
+            }
+        };
+
+        // Another try only for a failure the route retries, with tries left, a body
+        // that can be sent again, and room in the destination's budget.
+        let retry = match (policy, &resend) {
+            (Some(policy), Some(resend))
+                if tries < resend.attempts
+                    && policy.retries_on(failure)
+                    && resend.replay.can_replay() =>
+            {
+                Some((policy, resend))
+            }
+            _ => None,
+        };
+        let Some((policy, next)) = retry else {
+            return (with_attempts(response, policy, tries), peer_id);
+        };
+        if !backend.budget.try_withdraw(Instant::now()) {
+            metrics::counter!(retry::BUDGET_EXHAUSTED, "service" => backend.service.clone())
+                .increment(1);
+            tracing::debug!(
+                service = backend.service,
+                "retry budget spent: the failure is returned as is"
+            );
+            return (with_attempts(response, Some(policy), tries), peer_id);
+        }
+        let pause = policy.backoff.pause(tries);
+        let until = route_deadline.map(tokio::time::Instant::from_std);
+        if !retry::sleep_unless_late(pause, until).await {
+            let late = route_timeout(backend, endpoint, deadline, route_name, tries);
+            return (with_attempts(late, Some(policy), tries), peer_id);
+        }
+        metrics::counter!(
+            retry::RETRIES,
+            "service" => backend.service.clone(),
+            "reason" => failure.reason(),
+        )
+        .increment(1);
+        request = next.request();
+        last_failure = Some(response);
+    }
+}
+
+/// What a retry needs to send the request again.
+struct Resend {
+    replay: Replay,
+    method: http::Method,
+    uri: http::Uri,
+    headers: http::HeaderMap,
+    attempts: u32,
+}
+
+impl Resend {
+    /// The request for the next try; earlier tries' bodies stop.
+    fn request(&self) -> Request<PeerBody> {
+        let mut request = Request::new(Either::Right(self.replay.next_body()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = http::Version::HTTP_2;
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+/// What one try came to.
+enum Tried {
+    /// Response headers, hop-by-hop headers removed.
+    Answered(Response<ProxyBody>),
+    Failed(hyper_util::client::legacy::Error),
+    /// `until` passed first; the request to the peer is cancelled.
+    TimedOut,
+}
+
+/// Sends one try to `endpoint` and reports its outcome to the balancer and the
+/// circuit breaker.
+async fn try_once(
+    endpoint: &Endpoint,
+    breaker: &Breaker,
+    request: Request<PeerBody>,
+    until: Option<Instant>,
+) -> Tried {
     let in_flight = endpoint.load.start();
-    let sent = endpoint.client.request(Request::from_parts(parts, body));
-    let result = match deadline {
+    let sent = endpoint.client.request(request);
+    let result = match until {
         // Dropping the request on time resets its HTTP/2 stream, so the peer
         // sidecar stops working on it too.
-        Some((at, _)) => match tokio::time::timeout_at(at.into(), sent).await {
+        Some(at) => match tokio::time::timeout_at(at.into(), sent).await {
             Ok(result) => result,
             Err(_) => {
                 // The endpoint was at least this slow; the balancer should know.
                 in_flight.finish();
-                return (late(), peer_id);
+                endpoint.outlier.record(Outcome::Failure, breaker);
+                return Tried::TimedOut;
             }
         },
         None => sent.await,
     };
-    let response = match result {
+    match result {
         Ok(mut response) => {
             in_flight.finish();
+            endpoint
+                .outlier
+                .record(Outcome::of_status(response.status()), breaker);
             strip_hop_by_hop(response.headers_mut());
-            response.map(Either::Left)
+            Tried::Answered(response.map(Either::Left))
         }
         Err(error) => {
             in_flight.fail();
-            peer_failure(&error, &endpoint.target.addr)
+            endpoint.outlier.record(Outcome::Failure, breaker);
+            Tried::Failed(error)
         }
+    }
+}
+
+/// Sets `x-trellis-attempts` when the route has retries.
+fn with_attempts(
+    mut response: Response<ProxyBody>,
+    policy: Option<&RetryPolicy>,
+    tries: u32,
+) -> Response<ProxyBody> {
+    if policy.is_some() {
+        response
+            .headers_mut()
+            .insert(retry::ATTEMPTS, HeaderValue::from(tries));
+    }
+    response
+}
+
+/// The mesh's 504 when the route's timeout passes, during a try or a backoff pause.
+fn route_timeout(
+    backend: &Backend,
+    endpoint: &Endpoint,
+    deadline: Option<(Instant, Duration)>,
+    route: &str,
+    tries: u32,
+) -> Response<ProxyBody> {
+    let timeout = deadline.map(|(_, t)| t).unwrap_or_default();
+    let mut message = format!(
+        "service {:?} (endpoint {}) did not answer within the {timeout:?} timeout of route {route:?}",
+        backend.service, endpoint.target.addr
+    );
+    if tries > 1 {
+        message.push_str(&format!(" ({tries} tries)"));
+    }
+    tracing::info!(error = %message, "request timed out");
+    mesh_error(StatusCode::GATEWAY_TIMEOUT, "timeout", message)
+}
+
+/// The mesh's 504 for one try past its `perTryTimeout`.
+fn per_try_late(
+    backend: &Backend,
+    endpoint: &Endpoint,
+    timeout: Duration,
+    route: &str,
+) -> Response<ProxyBody> {
+    let message = format!(
+        "service {:?} (endpoint {}) did not answer within the {timeout:?} per-try timeout of route {route:?}",
+        backend.service, endpoint.target.addr
+    );
+    tracing::info!(error = %message, "try timed out");
+    mesh_error(StatusCode::GATEWAY_TIMEOUT, "timeout", message)
+}
+
+/// An upgrade request, once, to one endpoint of `backend`.
+async fn upgrade_once<'d>(
+    backend: &'d Backend,
+    deadline: Option<(Instant, Duration)>,
+    route: &str,
+    req: Request<Incoming>,
+) -> (Response<ProxyBody>, Option<&'d str>) {
+    let endpoint = match backend.pick_for(None) {
+        Ok(endpoint) => endpoint,
+        Err(why) => return (backend.unavailable(why), None),
     };
-    (response, peer_id)
+    let upgraded = upgrade(endpoint, req);
+    let response = match deadline {
+        Some((at, _)) => match tokio::time::timeout_at(at.into(), upgraded).await {
+            Ok(response) => response,
+            Err(_) => route_timeout(backend, endpoint, deadline, route, 1),
+        },
+        None => upgraded.await,
+    };
+    endpoint
+        .outlier
+        .record(Outcome::of_status(response.status()), &backend.breaker);
+    (response, Some(endpoint.target.identity.as_str()))
 }
 
 async fn upgrade(endpoint: &Endpoint, mut req: Request<Incoming>) -> Response<ProxyBody> {
@@ -260,19 +497,27 @@ fn connect_failure(error: &ConnectError) -> Response<ProxyBody> {
     )
 }
 
+/// The connect or TLS failure behind a client error, if that is what it was.
+fn connect_error(error: &hyper_util::client::legacy::Error) -> Option<&ConnectError> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(cause) = source {
+        if let Some(connect) = cause.downcast_ref::<ConnectError>() {
+            return Some(connect);
+        }
+        source = cause.source();
+    }
+    None
+}
+
 /// A connect or TLS failure is the mesh's 503 naming the reason; a peer that fails
 /// mid-request is a 502.
 fn peer_failure(
     error: &hyper_util::client::legacy::Error,
     addr: &std::net::SocketAddr,
 ) -> Response<ProxyBody> {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(cause) = source {
-        if let Some(connect) = cause.downcast_ref::<ConnectError>() {
-            tracing::warn!(error = %connect, "peer unreachable");
-            return connect_failure(connect);
-        }
-        source = cause.source();
+    if let Some(connect) = connect_error(error) {
+        tracing::warn!(error = %connect, "peer unreachable");
+        return connect_failure(connect);
     }
     let message = format!("peer {addr}: {}", error_chain(error));
     tracing::warn!(error = %message, "peer failed the request");

@@ -7,7 +7,13 @@ use std::{sync::Arc, time::Duration};
 use http::{HeaderMap, HeaderName, Method, Request};
 use trellis_api::config::{BackendConfig, HeaderMatchConfig, RouteConfig, RouteMatchConfig};
 
-use super::destinations::{CompileError, Endpoint};
+use super::{
+    bulkhead::{Bulkheads, Pool},
+    destinations::{CompileError, Endpoint},
+    fault::Fault,
+    outlier::Breaker,
+    retry::{RetryBudget, RetryPolicy},
+};
 
 /// One rule: when `matches` holds, the request goes to one of `backends`.
 #[derive(Debug)]
@@ -17,6 +23,11 @@ pub struct Route {
     backends: Backends,
     /// The deadline for the response headers, counted from the request's arrival.
     pub timeout: Option<Duration>,
+    /// The pool whose slot a request holds while out; none: unbounded.
+    pub bulkhead: Option<Arc<Pool>>,
+    pub fault: Option<Fault>,
+    /// How failed tries are tried again; none: one try.
+    pub retries: Option<RetryPolicy>,
 }
 
 /// Where a request may go: some endpoints of one service.
@@ -25,6 +36,10 @@ pub struct Backend {
     pub service: String,
     pub subset: Option<String>,
     pub endpoints: Arc<[Arc<Endpoint>]>,
+    /// The circuit breaker of `service`, shared by all its backends.
+    pub breaker: Arc<Breaker>,
+    /// The retries `service` may take, shared by all its backends.
+    pub budget: RetryBudget,
 }
 
 /// Backends by weight; never empty and never all zero (compile refuses both).
@@ -66,11 +81,12 @@ enum ValueMatch {
 impl Route {
     /// Compiles the rule at `at` (e.g. `services.web.routes[0]`). `backend` resolves
     /// one backend (given its field path); `whole` is the route's own service, where a
-    /// rule without backends sends its requests.
+    /// rule without backends sends its requests; `bulkheads` are its pools.
     pub fn compile(
         at: &str,
         config: &RouteConfig,
         whole: &Backend,
+        bulkheads: &Bulkheads,
         mut backend: impl FnMut(&str, &BackendConfig) -> Result<Backend, CompileError>,
     ) -> Result<Self, CompileError> {
         let RouteConfig {
@@ -78,9 +94,9 @@ impl Route {
             matches,
             backends,
             timeout,
-            retries: _,
-            bulkhead: _,
-            fault: _,
+            retries,
+            bulkhead,
+            fault,
         } = config;
         let matches = RouteMatch::compile(&format!("{at}.matches"), matches)?;
         let backends = if backends.is_empty() {
@@ -112,11 +128,23 @@ impl Route {
                 }
             })
             .transpose()?;
+        let bulkhead = bulkheads.for_route(at, bulkhead.as_deref())?;
+        let fault = fault
+            .as_ref()
+            .map(|f| Fault::compile(at, &whole.service, name, f))
+            .transpose()?;
+        let retries = retries
+            .as_ref()
+            .map(|r| RetryPolicy::compile(&format!("{at}.retries"), r))
+            .transpose()?;
         Ok(Self {
             name: name.clone(),
             matches,
             backends,
             timeout,
+            bulkhead,
+            fault,
+            retries,
         })
     }
 
@@ -300,6 +328,8 @@ mod tests {
             service: "web".into(),
             subset: Some(subset.into()),
             endpoints: Arc::from(Vec::new()),
+            breaker: Arc::new(Breaker::new("web", None, Arc::from(Vec::new()))),
+            budget: RetryBudget::default(),
         }
     }
 
@@ -314,6 +344,7 @@ mod tests {
             "services.web.routes[0]",
             &config,
             &backend("all"),
+            &Bulkheads::default(),
             |_, _| unreachable!("no backends"),
         )
     }
@@ -508,9 +539,14 @@ mod tests {
             ..RouteConfig::default()
         };
         let compile = |config: &RouteConfig| {
-            Route::compile("services.web.routes[2]", config, &backend("all"), |_, b| {
-                Ok(backend(b.subset.as_deref().unwrap()))
-            })
+            let pools = Bulkheads::default();
+            Route::compile(
+                "services.web.routes[2]",
+                config,
+                &backend("all"),
+                &pools,
+                |_, b| Ok(backend(b.subset.as_deref().unwrap())),
+            )
         };
         let e = compile(&config(Some("soon"), &[1]))
             .unwrap_err()
