@@ -38,7 +38,6 @@ const KINDS: [&str; 5] = [
 ];
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 
-#[derive(Debug)]
 pub struct OperatorApi {
     pub token: String,
     pub store: Arc<Store>,
@@ -46,6 +45,14 @@ pub struct OperatorApi {
     pub compiler: Arc<Compiler>,
     pub tokens: Arc<JoinTokens>,
     pub authority: Arc<Authority>,
+}
+
+impl std::fmt::Debug for OperatorApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperatorApi")
+            .field("token", &"<redacted>")
+            .finish_non_exhaustive()
+    }
 }
 
 type Answer = Response<Full<Bytes>>;

@@ -32,7 +32,7 @@ pub struct Args {
     pub trust_domain: String,
 
     /// A sidecar whose heartbeats stop for this long leaves the registry.
-    #[arg(long, env = "TRELLIS_HEARTBEAT_TIMEOUT", default_value = "15s", value_parser = duration)]
+    #[arg(long, env = "TRELLIS_HEARTBEAT_TIMEOUT", default_value = "15s", value_parser = nonzero_duration)]
     pub heartbeat_timeout: Duration,
 
     /// How long the compiler lets a burst of changes settle before it recompiles.
@@ -50,6 +50,13 @@ pub struct Args {
 
 fn duration(s: &str) -> Result<Duration, String> {
     trellis_api::duration::parse(s).map_err(|e| e.to_string())
+}
+
+fn nonzero_duration(s: &str) -> Result<Duration, String> {
+    match duration(s)? {
+        d if d.is_zero() => Err("must be longer than zero".into()),
+        d => Ok(d),
+    }
 }
 
 fn duration_or_zero(s: &str) -> Result<Duration, String> {

@@ -31,6 +31,9 @@ use crate::{
     telemetry,
 };
 
+/// The certificate lifetime when no MeshConfig says otherwise.
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+
 /// One encoded config, shared by every proxy of its group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
@@ -52,7 +55,7 @@ impl Resources {
         let mut resources = Self::default();
         for document in documents {
             match document {
-                // Stored in name order; the first one wins and the API warns of others.
+                // Validation admits one MeshConfig (named `default`).
                 Document::MeshConfig(mesh) => {
                     resources.mesh.get_or_insert(mesh.spec);
                 }
@@ -476,12 +479,15 @@ impl Compiler {
         // Read before the resources: what is compiled is at least this revision.
         let revision = self.store.revision()?;
         let resources = Resources::from_documents(self.store.list(None)?);
-        if let Some(ttl) = resources.cert_ttl() {
-            self.cert_ttl
-                .send_if_modified(|current| std::mem::replace(current, ttl) != ttl);
-        }
+        // Without a MeshConfig (or after its deletion) the default applies again.
+        let ttl = resources.cert_ttl().unwrap_or(DEFAULT_CERT_TTL);
+        self.cert_ttl
+            .send_if_modified(|current| std::mem::replace(current, ttl) != ttl);
         let endpoints = self.registry.endpoints();
-        self.persist_endpoints(&endpoints)?;
+        // Losing this only costs a smoother restart; it must not stop configs.
+        if let Err(error) = self.persist_endpoints(&endpoints) {
+            tracing::warn!(%error, "saving the registry's endpoints failed");
+        }
         let known = {
             let mut known = self.known.lock();
             known.extend(
@@ -496,20 +502,30 @@ impl Compiler {
         // same config: compile and encode it once.
         let mut sealed: HashMap<(String, InboundConfig), Arc<Snapshot>> = HashMap::new();
         let mut wanted: BTreeSet<Group> = self.registry.groups().into_iter().collect();
+        {
+            // Groups nobody watches any more are dropped; groups with proxies are built
+            // even before their first watcher so a join finds its config ready.
+            let mut groups = self.groups.lock();
+            groups.retain(|group, sender| sender.receiver_count() > 0 || wanted.contains(group));
+            wanted.extend(groups.keys().cloned());
+        }
+        // Encoding happens without the lock: `watch` is called from request handlers.
+        let built: Vec<(Group, Arc<Snapshot>)> = wanted
+            .into_iter()
+            .map(|group| {
+                let inbound = inbound(&group, &resources);
+                let snapshot = sealed
+                    .entry((group.namespace.clone(), inbound))
+                    .or_insert_with_key(|(namespace, inbound)| {
+                        Arc::new(seal(catalog.config_for(namespace, inbound.clone())))
+                    })
+                    .clone();
+                (group, snapshot)
+            })
+            .collect();
         let mut groups = self.groups.lock();
-        // Groups nobody watches any more are dropped; groups with proxies are built even
-        // before their first watcher so a join finds its config ready.
-        groups.retain(|group, sender| sender.receiver_count() > 0 || wanted.contains(group));
-        wanted.extend(groups.keys().cloned());
         let mut pushed = 0u64;
-        for group in wanted {
-            let inbound = inbound(&group, &resources);
-            let snapshot = sealed
-                .entry((group.namespace.clone(), inbound))
-                .or_insert_with_key(|(namespace, inbound)| {
-                    Arc::new(seal(catalog.config_for(namespace, inbound.clone())))
-                })
-                .clone();
+        for (group, snapshot) in built {
             let sender = groups
                 .entry(group)
                 .or_insert_with(|| watch::channel(None).0);

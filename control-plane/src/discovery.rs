@@ -13,6 +13,7 @@ use std::{
 
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use trellis_api::CONFIG_CHUNK_BYTES;
 use trellis_api::discovery::v1::{
@@ -41,6 +42,8 @@ pub struct DiscoveryService {
     /// Streams pushing a config at once. Each push is encoded into its stream's own
     /// buffers; letting a thousand run together makes a thousand copies at once.
     pushing: Arc<Semaphore>,
+    /// Ends every session when the control plane stops, so the server drains at once.
+    shutdown: CancellationToken,
 }
 
 /// How many streams may be sending a config at the same time.
@@ -52,6 +55,7 @@ impl DiscoveryService {
         registry: Arc<Registry>,
         compiler: Arc<Compiler>,
         heartbeat_timeout: Duration,
+        shutdown: CancellationToken,
     ) -> Self {
         Self {
             trust_domain,
@@ -59,6 +63,7 @@ impl DiscoveryService {
             compiler,
             heartbeat_timeout,
             pushing: Arc::new(Semaphore::new(CONCURRENT_PUSHES)),
+            shutdown,
         }
     }
 
@@ -99,6 +104,12 @@ impl Discovery for DiscoveryService {
         request: Request<Streaming<SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let caller = request.extensions().get::<Caller>().cloned();
+        // Nothing is read from a caller without an SVID of this mesh.
+        if !matches!(caller, Some(Caller(Some(_)))) {
+            return Err(Status::unauthenticated(
+                "Discovery needs the sidecar's SVID in the TLS handshake; certify first",
+            ));
+        }
         let mut incoming = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, incoming.message()).await {
             Ok(Ok(Some(SubscribeRequest {
@@ -127,6 +138,7 @@ impl Discovery for DiscoveryService {
             proxy_version,
         } = hello;
         let identity = self.authorize(caller.as_ref(), &service, &namespace)?;
+        check_hello_sizes(&instance, &labels)?;
         let address: SocketAddr = inbound_address.parse().map_err(|e| {
             Status::invalid_argument(format!("hello.inbound_address {inbound_address:?}: {e}"))
         })?;
@@ -173,6 +185,7 @@ impl Discovery for DiscoveryService {
             registry: self.registry.clone(),
             heartbeat_timeout: self.heartbeat_timeout,
             pushing: self.pushing.clone(),
+            shutdown: self.shutdown.clone(),
         };
         tokio::spawn(session.run(incoming, snapshots, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -208,6 +221,41 @@ impl Discovery for DiscoveryService {
     }
 }
 
+/// Limits on what a Hello may carry: its labels end up in every proxy's config.
+const MAX_LABELS: usize = 64;
+const MAX_LABEL_BYTES: usize = 253;
+const MAX_INSTANCE_BYTES: usize = 253;
+/// NACK texts kept for `get proxies` are cut to this.
+pub const MAX_NACK_BYTES: usize = 1024;
+
+fn check_hello_sizes(
+    instance: &str,
+    labels: &std::collections::HashMap<String, String>,
+) -> Result<(), Status> {
+    if instance.len() > MAX_INSTANCE_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "hello.instance is {} bytes; at most {MAX_INSTANCE_BYTES}",
+            instance.len()
+        )));
+    }
+    if labels.len() > MAX_LABELS {
+        return Err(Status::invalid_argument(format!(
+            "hello.labels has {} labels; at most {MAX_LABELS}",
+            labels.len()
+        )));
+    }
+    if let Some((k, _)) = labels
+        .iter()
+        .find(|(k, v)| k.is_empty() || k.len() > MAX_LABEL_BYTES || v.len() > MAX_LABEL_BYTES)
+    {
+        return Err(Status::invalid_argument(format!(
+            "hello.labels: key {:?} or its value is empty or longer than {MAX_LABEL_BYTES} bytes",
+            k.chars().take(64).collect::<String>()
+        )));
+    }
+    Ok(())
+}
+
 /// Sends `snapshot` as pushes of at most `CONFIG_CHUNK_BYTES`, each a slice of the
 /// shared encoding (no copy).
 async fn send_in_pieces(
@@ -239,6 +287,7 @@ struct Session {
     registry: Arc<Registry>,
     heartbeat_timeout: Duration,
     pushing: Arc<Semaphore>,
+    shutdown: CancellationToken,
 }
 
 impl Session {
@@ -254,21 +303,9 @@ impl Session {
         let mut sent: Option<(String, Instant)> = None;
         let reason = loop {
             tokio::select! {
-                changed = snapshots.changed() => {
-                    if changed.is_err() {
-                        break "the control plane is shutting down";
-                    }
-                    let Some(snapshot) = snapshots.borrow_and_update().clone() else { continue };
-                    let Ok(_permit) = self.pushing.acquire().await else {
-                        break "the control plane is shutting down";
-                    };
-                    if send_in_pieces(&tx, &snapshot).await.is_err() {
-                        break "the proxy went away";
-                    }
-                    metrics::counter!(telemetry::PUSHES).increment(1);
-                    self.registry.pushed(self.proxy, &snapshot.version);
-                    sent = Some((snapshot.version.clone(), Instant::now()));
-                }
+                // Answers first: after a long push, queued heartbeats must count
+                // before the deadline is looked at.
+                biased;
                 message = incoming.message() => match message {
                     Ok(Some(SubscribeRequest { kind: Some(kind) })) => {
                         deadline = tokio::time::Instant::now() + self.heartbeat_timeout;
@@ -278,12 +315,34 @@ impl Session {
                     Ok(None) => break "the proxy closed its stream",
                     Err(_) => break "the proxy's stream failed",
                 },
+                () = self.shutdown.cancelled() => {
+                    let _ = tx.try_send(Err(Status::unavailable("the control plane is shutting down")));
+                    break "the control plane is shutting down";
+                }
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        break "the control plane is shutting down";
+                    }
+                    let Some(snapshot) = snapshots.borrow_and_update().clone() else { continue };
+                    // A proxy that stops reading must not hold a push slot, or its
+                    // place in the registry, for ever.
+                    let push = async {
+                        let _permit = self.pushing.acquire().await.map_err(|_| ())?;
+                        send_in_pieces(&tx, &snapshot).await
+                    };
+                    match tokio::time::timeout(self.heartbeat_timeout, push).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(())) => break "the proxy went away",
+                        Err(_) => break "it stopped reading its config",
+                    }
+                    metrics::counter!(telemetry::PUSHES).increment(1);
+                    self.registry.pushed(self.proxy, &snapshot.version);
+                    sent = Some((snapshot.version.clone(), Instant::now()));
+                }
                 () = tokio::time::sleep_until(deadline) => {
-                    let _ = tx
-                        .send(Err(Status::deadline_exceeded(format!(
-                            "no heartbeat for {:?}", self.heartbeat_timeout
-                        ))))
-                        .await;
+                    let _ = tx.try_send(Err(Status::deadline_exceeded(format!(
+                        "no heartbeat for {:?}", self.heartbeat_timeout
+                    ))));
                     break "its heartbeats stopped";
                 }
                 () = tx.closed() => break "the proxy went away",

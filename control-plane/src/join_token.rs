@@ -257,4 +257,29 @@ mod tests {
         );
         assert!(format!("{tokens:?}").contains("redacted"));
     }
+
+    #[test]
+    fn tokens_without_a_trust_domain_still_verify_and_a_foreign_one_does_not() {
+        let tokens = JoinTokens::new(b"0123456789abcdef0123456789abcdef");
+        let sign = |claims: String| {
+            let signed = format!("{PREFIX}.{}", B64.encode(claims));
+            let tag = hmac::sign(&tokens.key, signed.as_bytes());
+            format!("{signed}.{}", B64.encode(tag.as_ref()))
+        };
+        let now = SystemTime::now();
+        let exp = unix(now) + 3600;
+        let legacy = sign(format!(
+            r#"{{"ns":"shop","svc":"payment","exp":{exp},"jti":"x"}}"#
+        ));
+        let (_, id) = tokens.verify(&legacy, &td(), now).unwrap();
+        assert_eq!(id.as_str(), "spiffe://cluster.local/ns/shop/sa/payment");
+        let foreign = sign(format!(
+            r#"{{"td":"other.example","ns":"shop","svc":"payment","exp":{exp},"jti":"x"}}"#
+        ));
+        let error = tokens.verify(&foreign, &td(), now).unwrap_err();
+        assert!(
+            error.to_string().contains("another trust domain"),
+            "{error}"
+        );
+    }
 }

@@ -130,6 +130,15 @@ impl Registry {
 
     pub fn join(&self, info: ProxyInfo) -> ProxyId {
         let id = ProxyId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        let mut entries = self.entries.lock();
+        // The same instance subscribing again (it saw its old stream die first): the
+        // new stream wins, so the instance is never published twice.
+        let before = entries.len();
+        entries.retain(|_, e| {
+            (&e.info.namespace, &e.info.service, &e.info.instance)
+                != (&info.namespace, &info.service, &info.instance)
+        });
+        let replaced = before - entries.len();
         let entry = Entry {
             info,
             connected_at: Instant::now(),
@@ -137,7 +146,11 @@ impl Registry {
             acked: None,
             nack: None,
         };
-        self.entries.lock().insert(id, entry);
+        entries.insert(id, entry);
+        drop(entries);
+        if replaced > 0 {
+            metrics::gauge!(crate::telemetry::PROXIES).decrement(replaced as f64);
+        }
         metrics::gauge!(crate::telemetry::PROXIES).increment(1.0);
         self.endpoints_changed.notify_one();
         id
@@ -179,9 +192,19 @@ impl Registry {
 
     pub fn nacked(&self, id: ProxyId, version: &str, error: &str) {
         if let Some(e) = self.entries.lock().get_mut(&id) {
+            // Kept and shown to operators: a proxy gets to say a paragraph, not a book.
+            let mut error = error.to_string();
+            if error.len() > crate::discovery::MAX_NACK_BYTES {
+                let mut cut = crate::discovery::MAX_NACK_BYTES;
+                while !error.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                error.truncate(cut);
+                error.push('…');
+            }
             e.nack = Some(Nack {
                 version: version.to_string(),
-                error: error.to_string(),
+                error,
             });
         }
     }

@@ -29,11 +29,12 @@ use crate::{
     identity::IdentityService, join_token::JoinTokens, registry::Registry, store::Store,
 };
 
+/// The largest message a sidecar may send on Discovery (a Hello, an answer, a report).
+const MAX_SIDECAR_MESSAGE: usize = 1024 * 1024;
 /// The longest certificate the CA signs; MeshConfig `certTTL` picks within it.
 const MAX_LEAF_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// The control plane's own SVID; renewed at 70% of it.
 const OWN_SVID_TTL: Duration = Duration::from_secs(24 * 3600);
-const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 const API_TOKEN: &str = "api-token";
 const TRUST_ANCHORS: &str = "trust-anchors.pem";
 
@@ -236,7 +237,7 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
     let shutdown = CancellationToken::new();
     let changed = Arc::new(Notify::new());
     let registry = Arc::new(Registry::new(changed.clone()));
-    let (cert_ttl, cert_ttl_rx) = watch::channel(DEFAULT_CERT_TTL);
+    let (cert_ttl, cert_ttl_rx) = watch::channel(crate::compiler::DEFAULT_CERT_TTL);
     let compiler = Arc::new(Compiler::new(
         store.clone(),
         registry.clone(),
@@ -297,14 +298,17 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
         registry.clone(),
         compiler.clone(),
         heartbeat_timeout,
+        shutdown.clone(),
     );
     let incoming = grpc_tls::incoming(grpc_listener, &creds, ClientAuth::Optional)?;
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_service(IdentityServer::new(identity))
         .add_service(
+            // Sidecars send small messages; a large one is a mistake or an attack.
+            // Configs go out in pieces, far below the encoding limit.
             DiscoveryServer::new(discovery)
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_decoding_message_size(MAX_SIDECAR_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES),
         )
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
