@@ -12,6 +12,7 @@ pub mod backend;
 pub mod control_plane;
 pub mod haproxy;
 pub mod load;
+pub mod policies;
 pub mod procstat;
 pub mod simulated_proxy;
 pub mod tls_memory;

@@ -1,7 +1,9 @@
 //! `trellis-bench`: one command that measures, in the same run,
 //! (a) client -> backend directly, (b) client -> trellis-proxy -> trellis-proxy ->
-//! backend over mTLS, and (c) the same through an HAProxy mTLS pair when `haproxy`
-//! is installed. For each: p50/p90/p99 at a fixed open-loop rate, max throughput,
+//! backend over mTLS, (b') the same pair with every policy layer configured and none
+//! acting, and (c) the same through an HAProxy mTLS pair when `haproxy` is installed.
+//! (b) and (b') run interleaved for several rounds, and each row is the rounds' median,
+//! so that machine noise in one run does not decide the policies' overhead. For each: p50/p90/p99 at a fixed open-loop rate, max throughput,
 //! and each proxy's RSS and CPU seconds per 1,000 requests. Prints a table with the
 //! ratios to direct and to HAProxy, and writes JSON.
 
@@ -11,8 +13,8 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
 use serde::Serialize;
-use trellis_bench::{backend, haproxy, load, procstat};
-use trellis_tests::mesh::{Mesh, SidecarSpec};
+use trellis_bench::{backend, haproxy, load, policies, procstat};
+use trellis_tests::mesh::{Mesh, Sidecar, SidecarSpec, metric_value, scrape, workload_id};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,6 +46,9 @@ struct Args {
     /// Also measure one sidecar alone (plaintext into its inbound), to split costs.
     #[arg(long)]
     single_hop: bool,
+    /// Rounds of the plain and the policies sidecar pair, interleaved; rows are medians.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
 }
 
 #[derive(Debug, Serialize)]
@@ -57,9 +62,18 @@ struct Scenario {
     max_errors: u64,
     /// Per proxy process: RSS after the fixed-rate phase and its peak, KiB.
     proxies: Vec<ProxyCost>,
+    /// The rounds a repeated scenario's figures are the median of, in run order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    rounds: Vec<RoundLatency>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
+struct RoundLatency {
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
 struct ProxyCost {
     role: &'static str,
     rss_kib: u64,
@@ -74,6 +88,17 @@ struct Report {
     connections: usize,
     body_bytes: usize,
     scenarios: Vec<Scenario>,
+    policy_overhead: PolicyOverhead,
+}
+
+/// What configuring every policy adds to the plain sidecar pair, medians against medians.
+#[derive(Debug, Serialize)]
+struct PolicyOverhead {
+    p50_pct: f64,
+    p99_pct: f64,
+    rounds: u32,
+    /// The run order of the pairs: `P` plain, `Q` with policies.
+    order: String,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -128,7 +153,113 @@ async fn measure(
         max_rps: max.throughput(),
         max_errors: max.errors,
         proxies,
+        rounds: Vec::new(),
     })
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_unstable_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => 0.0,
+        _ if n % 2 == 1 => values[n / 2],
+        _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// One row from repeated runs of a scenario: each figure is the median over the rounds
+/// (the peak RSS is the highest), errors are summed.
+fn median_of(name: &'static str, runs: Vec<Scenario>) -> Scenario {
+    let of = |field: fn(&Scenario) -> f64| median(runs.iter().map(field).collect());
+    let proxies = runs.first().map_or_else(Vec::new, |first| {
+        (0..first.proxies.len())
+            .map(|i| {
+                let costs: Vec<&ProxyCost> = runs.iter().filter_map(|r| r.proxies.get(i)).collect();
+                let of =
+                    |field: fn(&ProxyCost) -> f64| median(costs.iter().map(|c| field(c)).collect());
+                ProxyCost {
+                    role: first.proxies[i].role,
+                    rss_kib: of(|c| c.rss_kib as f64) as u64,
+                    peak_rss_kib: costs.iter().map(|c| c.peak_rss_kib).max().unwrap_or(0),
+                    cpu_seconds_per_1k_requests: of(|c| c.cpu_seconds_per_1k_requests),
+                }
+            })
+            .collect()
+    });
+    Scenario {
+        name,
+        p50_ms: of(|s| s.p50_ms),
+        p90_ms: of(|s| s.p90_ms),
+        p99_ms: of(|s| s.p99_ms),
+        fixed_rate_errors: runs.iter().map(|s| s.fixed_rate_errors).sum(),
+        max_rps: of(|s| s.max_rps),
+        max_errors: runs.iter().map(|s| s.max_errors).sum(),
+        proxies,
+        rounds: runs
+            .iter()
+            .map(|s| RoundLatency {
+                p50_ms: s.p50_ms,
+                p99_ms: s.p99_ms,
+            })
+            .collect(),
+    }
+}
+
+/// Starts a client-side sidecar `a` calling a server-side `b` in front of `backend`,
+/// with every policy configured (see `policies`) or none.
+fn sidecar_pair(mesh: &Mesh, backend: SocketAddr, with_policies: bool) -> (Sidecar, Sidecar) {
+    let mut b_spec = SidecarSpec::new("b", backend);
+    if with_policies {
+        b_spec = b_spec.inbound(policies::inbound(&workload_id("a")));
+    }
+    let b = mesh.sidecar(b_spec);
+    // The client side's app is never called: port 9 (discard) stands in for it.
+    let a_spec = SidecarSpec::new("a", SocketAddr::from(([127, 0, 0, 1], 9)));
+    let a_spec = if with_policies {
+        a_spec.service("b", policies::outbound(vec![b.endpoint()]))
+    } else {
+        a_spec.to("b", vec![b.endpoint()])
+    };
+    (mesh.sidecar(a_spec), b)
+}
+
+/// Fails the run if a policy acted (a retry, an ejection, a refusal) or the allow rule
+/// never matched: then the policies row would not be the layers' idle cost.
+async fn check_no_policy_acted(a: &Sidecar, b: &Sidecar) -> Result<(), String> {
+    let (client, server) = (scrape(a.admin).await, scrape(b.admin).await);
+    let acted: Vec<String> = [
+        (&client, "trellis_retries_total", &[][..]),
+        (&client, "trellis_retry_budget_exhausted_total", &[][..]),
+        (&client, "trellis_endpoint_ejections_total", &[][..]),
+        (&client, "trellis_bulkhead_rejected_total", &[][..]),
+        (&server, "trellis_rate_limited_total", &[][..]),
+        (
+            &server,
+            "trellis_authz_decisions_total",
+            &[("decision", "deny")][..],
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(scrape, name, labels)| {
+        let value = metric_value(scrape, name, labels);
+        (value > 0.0).then(|| format!("{name}{labels:?} = {value}"))
+    })
+    .collect();
+    if !acted.is_empty() {
+        return Err(format!(
+            "a policy acted during the policies run, so that row is not their idle cost: {}",
+            acted.join(", ")
+        ));
+    }
+    let allowed = metric_value(
+        &server,
+        "trellis_authz_decisions_total",
+        &[("decision", "allow")],
+    );
+    if allowed <= 0.0 {
+        return Err("the policies run's allow rule matched no request".into());
+    }
+    Ok(())
 }
 
 async fn run(args: Args) -> Result<Report, String> {
@@ -141,13 +272,54 @@ async fn run(args: Args) -> Result<Report, String> {
     scenarios.push(measure("direct", backend, "backend", &[], &args).await?);
 
     let mesh = Mesh::new();
-    let b = mesh.sidecar(SidecarSpec::new("b", backend));
-    let a = mesh.sidecar(
-        SidecarSpec::new("a", SocketAddr::from(([127, 0, 0, 1], 9))).to("b", vec![b.endpoint()]),
+    // Alternating which pair goes first (P Q Q P P Q ...) also cancels a slow drift
+    // of the machine's speed, e.g. another build starting, between the two rows.
+    let (mut plain, mut with_policies, mut order) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..args.rounds {
+        let pairs = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for policies_on in pairs {
+            let (a, b) = sidecar_pair(&mesh, backend, policies_on);
+            let pids = [("client-side", a.pid()), ("server-side", b.pid())];
+            let name = if policies_on {
+                "trellis+policies"
+            } else {
+                "trellis"
+            };
+            eprintln!("  round {}/{}:", round + 1, args.rounds);
+            let scenario = measure(name, a.outbound, "b", &pids, &args).await?;
+            if policies_on {
+                check_no_policy_acted(&a, &b).await?;
+                with_policies.push(scenario);
+                order.push('Q');
+            } else {
+                plain.push(scenario);
+                order.push('P');
+            }
+        }
+    }
+    let (plain, with_policies) = (
+        median_of("trellis", plain),
+        median_of("trellis+policies", with_policies),
     );
-    let pids = [("client-side", a.pid()), ("server-side", b.pid())];
-    scenarios.push(measure("trellis", a.outbound, "b", &pids, &args).await?);
-    drop((a, b));
+    let added = |with: f64, without: f64| {
+        if without > 0.0 {
+            (with / without - 1.0) * 100.0
+        } else {
+            0.0
+        }
+    };
+    let policy_overhead = PolicyOverhead {
+        p50_pct: added(with_policies.p50_ms, plain.p50_ms),
+        p99_pct: added(with_policies.p99_ms, plain.p99_ms),
+        rounds: args.rounds,
+        order: order.into_iter().collect(),
+    };
+    scenarios.push(plain);
+    scenarios.push(with_policies);
 
     if args.single_hop {
         // One sidecar only, plaintext in (PERMISSIVE): tells the hop's cost from the pair's.
@@ -172,6 +344,7 @@ async fn run(args: Args) -> Result<Report, String> {
         connections: args.connections,
         body_bytes: args.body,
         scenarios,
+        policy_overhead,
     })
 }
 
@@ -223,6 +396,34 @@ fn print_table(report: &Report) {
             if rss.is_empty() { "-".into() } else { rss },
             if cpu.is_empty() { "-".into() } else { cpu },
         );
+    }
+    let plain = report.scenarios.iter().find(|s| s.name == "trellis");
+    let with = report
+        .scenarios
+        .iter()
+        .find(|s| s.name == "trellis+policies");
+    if let (Some(plain), Some(with)) = (plain, with) {
+        let PolicyOverhead {
+            p50_pct,
+            p99_pct,
+            rounds,
+            order,
+        } = &report.policy_overhead;
+        println!(
+            "\npolicies overhead (trellis+policies over trellis): p99 {p99_pct:+.1}% ({:.3} -> {:.3} ms), p50 {p50_pct:+.1}% ({:.3} -> {:.3} ms)",
+            plain.p99_ms, with.p99_ms, plain.p50_ms, with.p50_ms
+        );
+        println!(
+            "both rows are medians of {rounds} rounds, a fresh sidecar pair each, run interleaved in the order {order} (P plain, Q policies)"
+        );
+        for (name, s) in [("trellis", plain), ("trellis+policies", with)] {
+            let p99s: Vec<String> = s
+                .rounds
+                .iter()
+                .map(|r| format!("{:.3}", r.p99_ms))
+                .collect();
+            println!("  {name} p99 per round, ms: {}", p99s.join(", "));
+        }
     }
 }
 

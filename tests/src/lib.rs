@@ -7,6 +7,7 @@
 #![allow(missing_debug_implementations)]
 
 pub mod apps;
+pub mod client;
 pub mod control_plane;
 pub mod mesh;
 /// The CA crate's own test PKI (operator-style root + intermediate that can also

@@ -14,15 +14,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http::{Method, Request, StatusCode, header};
-use http_body_util::BodyExt;
+use http::{Method, StatusCode};
 use serde_json::Value;
 use trellis_tests::{
     apps,
+    client::Answer,
     control_plane::{ControlPlane, ControlPlaneSpec, MeshSidecar, MeshSidecarSpec},
     echo::{Message, echo_client::EchoClient},
-    mesh::{admin_get, http1_client},
+    mesh::admin_get,
     within,
 };
 
@@ -33,25 +32,8 @@ fn id(service: &str) -> String {
 }
 
 /// GETs `path` of `service` through a sidecar's outbound listener, as its app would.
-async fn get(outbound: SocketAddr, service: &str, path: &str) -> http::Response<Bytes> {
-    let request = Request::get(format!("http://{outbound}{path}"))
-        .header(header::HOST, service)
-        .body(http_body_util::Full::new(Bytes::new()))
-        .unwrap();
-    let response = within("request", http1_client().request(request))
-        .await
-        .unwrap();
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await.unwrap().to_bytes();
-    http::Response::from_parts(parts, body)
-}
-
-fn header_of<'a>(response: &'a http::Response<Bytes>, name: &str) -> &'a str {
-    response
-        .headers()
-        .get(name)
-        .map(|v| v.to_str().unwrap())
-        .unwrap_or_default()
+async fn get(outbound: SocketAddr, service: &str, path: &str) -> Answer {
+    trellis_tests::client::get(outbound, service, path).await
 }
 
 async fn ready(sidecar: &MeshSidecar) {
@@ -84,10 +66,10 @@ async fn sidecars_certify_and_carry_mtls_traffic_from_nothing() {
     cp.converged(2).await;
 
     let response = get(a.outbound, "b", "/").await;
-    assert_eq!(response.status(), StatusCode::OK, "{response:?}");
-    assert_eq!(header_of(&response, "x-app-name"), "b");
+    assert_eq!(response.status, StatusCode::OK, "{response:?}");
+    assert_eq!(response.header("x-app-name"), "b");
     // b's sidecar verified a's certificate, which the control plane issued.
-    assert_eq!(header_of(&response, "x-app-peer-id"), id("a"));
+    assert_eq!(response.header("x-app-peer-id"), id("a"));
 
     let endpoints = cp.endpoints().await;
     let listed: Vec<(&str, &str, bool)> = endpoints
@@ -247,8 +229,8 @@ async fn versions_served(via: &MeshSidecar, n: usize) -> Vec<String> {
     let mut seen = Vec::new();
     for _ in 0..n {
         let response = get(via.outbound, "web", "/").await;
-        assert_eq!(response.status(), StatusCode::OK, "{response:?}");
-        seen.push(header_of(&response, "x-app-name").to_string());
+        assert_eq!(response.status, StatusCode::OK, "{response:?}");
+        seen.push(response.header("x-app-name").to_string());
     }
     seen.sort();
     seen.dedup();
@@ -344,7 +326,7 @@ async fn traffic_survives_the_control_plane_dying_and_sidecars_reconnect_to_its_
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let response = get(outbound, "web", "/").await;
-                let counter = if response.status() == StatusCode::OK {
+                let counter = if response.status == StatusCode::OK {
                     &ok
                 } else {
                     &failed
@@ -454,8 +436,8 @@ async fn a_vanished_sidecar_leaves_the_others_endpoints_within_the_heartbeat_tim
         "{endpoints:#?}"
     );
     let response = get(a.outbound, "web", "/").await;
-    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(header_of(&response, "x-trellis-error"), "no-endpoints");
+    assert_eq!(response.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(response.header("x-trellis-error"), "no-endpoints");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -574,7 +556,7 @@ async fn a_config_the_sidecar_cannot_use_is_nacked_shown_and_the_old_one_keeps_s
     let a = cp.sidecar(spec).await;
     let before = cp.converged(2).await;
     let a_before = before.iter().find(|p| p["service"] == "a").unwrap().clone();
-    assert_eq!(get(a.outbound, "web", "/").await.status(), StatusCode::OK);
+    assert_eq!(get(a.outbound, "web", "/").await.status, StatusCode::OK);
 
     // From now on a gets configs with a field it does not know (a newer control plane).
     relay.corrupt.store(true, Ordering::Relaxed);
@@ -605,7 +587,7 @@ async fn a_config_the_sidecar_cannot_use_is_nacked_shown_and_the_old_one_keeps_s
     let (_, config) = admin_get(a.admin, "/config").await;
     let config: Value = serde_json::from_str(&config).unwrap();
     assert_eq!(config["config"]["version"], a_before["ackedVersion"]);
-    assert_eq!(get(a.outbound, "web", "/").await.status(), StatusCode::OK);
+    assert_eq!(get(a.outbound, "web", "/").await.status, StatusCode::OK);
 
     // The operator sees it.
     let proxies = cp.trellisctl(&["get", "proxies"]);

@@ -9,45 +9,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::{HeaderMap, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use http::{Method, StatusCode};
 use tokio::task::JoinSet;
 use trellis_api::config::{
     BulkheadConfig, HeaderMatchConfig, RouteConfig, RouteMatchConfig, ServiceConfig,
 };
 use trellis_tests::{
     apps::{self, Hold},
+    client::{Answer, HttpClient, call_on},
     mesh::{Mesh, SidecarSpec, http1_client, metric_value, scrape},
     within,
 };
 
 const NO_APP: &str = "127.0.0.1:9";
-
-type HttpClient = Client<HttpConnector, Full<bytes::Bytes>>;
-
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: String,
-}
-
-impl Answer {
-    fn error(&self) -> &str {
-        self.headers
-            .get("x-trellis-error")
-            .map_or("", |v| v.to_str().unwrap())
-    }
-
-    fn assert_ok(&self, body: &str) {
-        assert_eq!(
-            (self.status, self.body.as_str()),
-            (StatusCode::OK, body),
-            "{:?}",
-            self.headers
-        );
-    }
-}
 
 /// GETs `path` of service `web` through the sidecar at `via`; the routes below pick
 /// the pool by the `x-class` header.
@@ -57,20 +31,7 @@ async fn call(
     path: &str,
     headers: &[(&str, &str)],
 ) -> Answer {
-    let mut request = Request::get(format!("http://{via}{path}")).header(header::HOST, "web");
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let response = within(path, client.request(request.body(Full::default()).unwrap()))
-        .await
-        .unwrap();
-    let (parts, body) = response.into_parts();
-    let body = within("body", body.collect()).await.unwrap().to_bytes();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
+    call_on(client, via, "web", Method::GET, path, headers).await
 }
 
 fn pool(name: &str, concurrent: u32, pending: u32, time: Option<&str>) -> BulkheadConfig {

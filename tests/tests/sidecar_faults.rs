@@ -9,59 +9,23 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::{HeaderMap, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use http::{Method, StatusCode};
 use trellis_api::config::{
     FaultAbortConfig, FaultConfig, FaultDelayConfig, HeaderMatchConfig, RouteConfig,
     RouteMatchConfig, ServiceConfig,
 };
 use trellis_tests::{
     apps::{self, Faults},
+    client::{Answer, HttpClient, call_on},
     mesh::{Mesh, Sidecar, SidecarSpec, http1_client, metric_value, scrape},
-    within,
 };
 
 const NO_APP: &str = "127.0.0.1:9";
 
-type HttpClient = Client<HttpConnector, Full<bytes::Bytes>>;
-
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: String,
-}
-
-impl Answer {
-    fn error(&self) -> &str {
-        self.headers
-            .get("x-trellis-error")
-            .map_or("", |v| v.to_str().unwrap())
-    }
-
-    fn app(&self) -> &str {
-        self.headers
-            .get("x-app-name")
-            .map_or("", |v| v.to_str().unwrap())
-    }
-}
-
 /// GETs `/` of service `web` through the sidecar at `via`, with `chaos` as the
 /// `x-chaos` header the routes below match on.
 async fn call(client: &HttpClient, via: SocketAddr, chaos: &str) -> Answer {
-    let request = Request::get(format!("http://{via}/"))
-        .header(header::HOST, "web")
-        .header("x-chaos", chaos)
-        .body(Full::default())
-        .unwrap();
-    let response = within("request", client.request(request)).await.unwrap();
-    let (parts, body) = response.into_parts();
-    let body = within("body", body.collect()).await.unwrap().to_bytes();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
+    call_on(client, via, "web", Method::GET, "/", &[("x-chaos", chaos)]).await
 }
 
 fn chaos(name: &str, fault: FaultConfig, timeout: Option<&str>) -> RouteConfig {

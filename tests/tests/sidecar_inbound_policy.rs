@@ -9,37 +9,17 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::Bytes;
-use http::{Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full};
+use http::{Method, StatusCode, header};
 use trellis_tests::{
     apps,
+    client::Answer,
     control_plane::{ControlPlane, ControlPlaneSpec, MeshSidecarSpec},
-    mesh::http1_client,
-    within,
 };
 
 const NOWHERE: &str = "127.0.0.1:9";
 
-/// One GET of `service` through a sidecar's outbound listener: status and headers.
-async fn get(outbound: SocketAddr, service: &str) -> http::Response<Bytes> {
-    let request = Request::get(format!("http://{outbound}/"))
-        .header(header::HOST, service)
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let response = within("request", http1_client().request(request))
-        .await
-        .unwrap();
-    let (parts, body) = response.into_parts();
-    http::Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
-}
-
-fn mesh_error(response: &http::Response<Bytes>) -> &str {
-    response
-        .headers()
-        .get("x-trellis-error")
-        .map(|v| v.to_str().unwrap())
-        .unwrap_or_default()
+async fn get(outbound: SocketAddr, service: &str) -> Answer {
+    trellis_tests::client::get(outbound, service, "/").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,7 +46,7 @@ async fn a_burst_beyond_the_rate_limit_gets_429s_and_the_admitted_rate_is_the_li
     let mut refused = None;
     for _ in 0..30 {
         let response = get(a.outbound, "web").await;
-        match response.status() {
+        match response.status {
             StatusCode::OK => admitted += 1,
             StatusCode::TOO_MANY_REQUESTS => refused = Some(response),
             other => panic!("unexpected {other}: {response:?}"),
@@ -78,8 +58,8 @@ async fn a_burst_beyond_the_rate_limit_gets_429s_and_the_admitted_rate_is_the_li
         "{admitted} admitted of a burst of 30 (refill {refill})"
     );
     let refused = refused.expect("the burst was refused in part");
-    assert_eq!(mesh_error(&refused), "rate-limited");
-    let retry_after: u64 = refused.headers()[header::RETRY_AFTER]
+    assert_eq!(refused.error(), "rate-limited");
+    let retry_after: u64 = refused.headers[header::RETRY_AFTER]
         .to_str()
         .unwrap()
         .parse()
@@ -91,7 +71,7 @@ async fn a_burst_beyond_the_rate_limit_gets_429s_and_the_admitted_rate_is_the_li
     let (mut ok, mut asked) = (0u32, 0u32);
     while start.elapsed() < Duration::from_millis(1500) {
         asked += 1;
-        if get(a.outbound, "web").await.status() == StatusCode::OK {
+        if get(a.outbound, "web").await.status == StatusCode::OK {
             ok += 1;
         }
     }
@@ -123,8 +103,8 @@ async fn authorization_follows_every_policy_change_on_open_connections() {
         .await;
     cp.converged(3).await;
     // No policy, mesh default allow-mesh: both in.
-    assert_eq!(get(a.outbound, "web").await.status(), StatusCode::OK);
-    assert_eq!(get(c.outbound, "web").await.status(), StatusCode::OK);
+    assert_eq!(get(a.outbound, "web").await.status, StatusCode::OK);
+    assert_eq!(get(c.outbound, "web").await.status, StatusCode::OK);
 
     let apply = |yaml: String| {
         let cp = &cp;
@@ -135,11 +115,11 @@ async fn authorization_follows_every_policy_change_on_open_connections() {
         }
     };
     apply(ALLOW_A.to_string()).await;
-    assert_eq!(get(a.outbound, "web").await.status(), StatusCode::OK);
+    assert_eq!(get(a.outbound, "web").await.status, StatusCode::OK);
     let refused = get(c.outbound, "web").await;
-    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
-    assert_eq!(mesh_error(&refused), "unauthorized");
-    let body = String::from_utf8_lossy(refused.body());
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(refused.error(), "unauthorized");
+    let body = &refused.body;
     assert!(
         body.contains("spiffe://cluster.local/ns/default/sa/c"),
         "{body}"
@@ -147,8 +127,8 @@ async fn authorization_follows_every_policy_change_on_open_connections() {
 
     // The same connections, the opposite answer.
     apply(ALLOW_A.replace("sa/a", "sa/c")).await;
-    assert_eq!(get(a.outbound, "web").await.status(), StatusCode::FORBIDDEN);
-    assert_eq!(get(c.outbound, "web").await.status(), StatusCode::OK);
+    assert_eq!(get(a.outbound, "web").await.status, StatusCode::FORBIDDEN);
+    assert_eq!(get(c.outbound, "web").await.status, StatusCode::OK);
 
     // No policy and a mesh that denies by default: nobody.
     let (status, _) = cp
@@ -165,8 +145,8 @@ async fn authorization_follows_every_policy_change_on_open_connections() {
             .to_string(),
     )
     .await;
-    assert_eq!(get(a.outbound, "web").await.status(), StatusCode::FORBIDDEN);
-    assert_eq!(get(c.outbound, "web").await.status(), StatusCode::FORBIDDEN);
+    assert_eq!(get(a.outbound, "web").await.status, StatusCode::FORBIDDEN);
+    assert_eq!(get(c.outbound, "web").await.status, StatusCode::FORBIDDEN);
 
     let metrics = trellis_tests::mesh::scrape(web.admin).await;
     let decided = |decision| {

@@ -9,8 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use http::{HeaderMap, Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full};
+use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use trellis_api::config::{
     AllowConfig, AuthorizationDefault, BackendConfig, HeaderMatchConfig, InboundConfig, MtlsMode,
@@ -18,63 +17,12 @@ use trellis_api::config::{
 };
 use trellis_tests::{
     apps,
-    mesh::{
-        Mesh, Sidecar, SidecarSpec, admin_get, http1_client, metric_value, scrape, workload_id,
-    },
+    client::{Answer, call, get},
+    mesh::{Mesh, Sidecar, SidecarSpec, admin_get, metric_value, scrape, workload_id},
     within,
 };
 
 const NO_APP: &str = "127.0.0.1:9";
-
-struct Answer {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .map(|v| v.to_str().unwrap())
-            .unwrap_or_else(|| panic!("response has no {name}: {:?}", self.headers))
-    }
-
-    /// The app that answered.
-    fn app(&self) -> &str {
-        assert_eq!(self.status, StatusCode::OK, "{}", self.body);
-        self.header("x-app-name")
-    }
-}
-
-async fn call(
-    via: SocketAddr,
-    host: &str,
-    method: Method,
-    path: &str,
-    headers: &[(&str, &str)],
-) -> Answer {
-    let mut request = Request::builder()
-        .method(method)
-        .uri(format!("http://{via}{path}"))
-        .header(header::HOST, host);
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    let request = request.body(Full::default()).unwrap();
-    let response = within(path, http1_client().request(request)).await.unwrap();
-    let (parts, body) = response.into_parts();
-    let body = within("body", body.collect()).await.unwrap().to_bytes();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
-}
-
-async fn get(via: SocketAddr, host: &str, path: &str) -> Answer {
-    call(via, host, Method::GET, path, &[]).await
-}
 
 fn subset(name: &str, weight: u32) -> BackendConfig {
     BackendConfig {
