@@ -681,4 +681,63 @@ spec:
         assert_eq!(config.inbound.default, AuthorizationDefault::Deny);
         assert_eq!(r.cert_ttl(), Some(Duration::from_secs(7200)));
     }
+
+    /// Every resilience field of the example reaches the config the sidecars run:
+    /// nothing applied is silently dropped on the way.
+    #[test]
+    fn resilience_fields_reach_callers_and_the_services_own_sidecars() {
+        let yaml = include_str!("../../crds/examples/resilience.yaml");
+        let r = resources(yaml);
+        let caller = Group {
+            service: "order".into(),
+            namespace: "shop".into(),
+        };
+        let config = compile(&caller, &r, &[]);
+        let inventory = &config.services["inventory"];
+        let breaker = inventory.circuit_breaker.as_ref().unwrap();
+        assert_eq!(
+            (breaker.consecutive_failures, breaker.max_ejection_percent),
+            (5, 50)
+        );
+        assert_eq!(breaker.base_ejection_time, "30s");
+        assert_eq!(breaker.max_ejection_time, "300000ms");
+        assert!(
+            inventory.retry_budget.is_none(),
+            "the sidecar applies the default"
+        );
+        let chaos = &inventory.routes[0];
+        let fault = chaos.fault.as_ref().unwrap();
+        assert_eq!(fault.abort.as_ref().unwrap().status, 503);
+        assert_eq!(fault.delay.as_ref().unwrap().duration, "500ms");
+        let reserve = &inventory.routes[1];
+        let retries = reserve.retries.as_ref().unwrap();
+        assert_eq!(retries.attempts, 3);
+        assert!(retries.allow_non_idempotent);
+        assert_eq!(retries.on, ["5xx", "reset"]);
+        assert_eq!(retries.per_try_timeout.as_deref(), Some("500ms"));
+        // The rate limit runs in inventory's own sidecars, not in its callers'.
+        assert!(config.inbound.rate_limit.is_none());
+        let own = Group {
+            service: "inventory".into(),
+            namespace: "shop".into(),
+        };
+        let limit = compile(&own, &r, &[]).inbound.rate_limit.unwrap();
+        assert_eq!(
+            (limit.requests_per_second, limit.burst, limit.per_source),
+            (200, 400, true)
+        );
+
+        // Bulkhead pools and the routes that pick them.
+        let payment = resources(include_str!("../../crds/examples/payment.yaml"));
+        let config = compile(&caller, &payment, &[]);
+        let service = &config.services["payment"];
+        let pools: Vec<&str> = service.bulkheads.iter().map(|b| b.name.as_str()).collect();
+        assert!(pools.contains(&"critical"), "{pools:?}");
+        assert!(
+            service
+                .routes
+                .iter()
+                .any(|r| r.bulkhead.as_deref() == Some("critical"))
+        );
+    }
 }
