@@ -9,21 +9,15 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
 use arc_swap::ArcSwap;
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    net::{TcpListener, TcpStream},
-    sync::mpsc,
-};
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio::{net::TcpListener, sync::mpsc};
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming, transport::server::Connected};
+use tonic::{Request, Response, Status, Streaming};
 use trellis_api::{
     config::{EndpointConfig, ProxyConfig, ServiceConfig},
     discovery::v1::{
@@ -39,6 +33,8 @@ use trellis_api::{
 use trellis_ca::{
     Authority, AuthorityConfig, ClientAuth, Credentials, SpiffeId, Svid, TrustDomain, WorkloadKey,
 };
+
+use trellis_control_plane::grpc_tls::{self, Caller};
 
 use super::ControlPlane;
 use crate::{
@@ -60,48 +56,6 @@ enum Event {
     },
     Subscribed(Hello),
     Answer(Kind),
-}
-
-/// The caller's verified id, as the real control plane hands it to its services.
-#[derive(Debug, Clone)]
-struct Caller(Option<SpiffeId>);
-
-struct PeerTls {
-    tls: TlsStream<TcpStream>,
-    caller: Caller,
-}
-
-impl Connected for PeerTls {
-    type ConnectInfo = Caller;
-    fn connect_info(&self) -> Caller {
-        self.caller.clone()
-    }
-}
-
-impl AsyncRead for PeerTls {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tls).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for PeerTls {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.tls).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tls).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.tls).poll_shutdown(cx)
-    }
 }
 
 #[derive(Clone)]
@@ -264,12 +218,10 @@ async fn control_plane(events: mpsc::UnboundedSender<Event>) -> (std::net::Socke
     .unwrap();
     let anchors = authority.trust_bundle().to_pem();
     let creds = Credentials::with_svid(svid, authority.trust_bundle().clone());
-    let mut tls = trellis_ca::server_config_with(&creds, ClientAuth::Optional).unwrap();
-    tls.alpn_protocols = vec![b"h2".to_vec()];
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let incoming = async_stream(listener, acceptor);
+    // The real control plane's TLS front: the caller's verified id in each request.
+    let incoming = grpc_tls::incoming(listener, &creds, ClientAuth::Optional).unwrap();
     let fake = Fake {
         authority: Arc::new(authority),
         events,
@@ -282,28 +234,6 @@ async fn control_plane(events: mpsc::UnboundedSender<Event>) -> (std::net::Socke
             .serve_with_incoming(incoming),
     );
     (addr, anchors)
-}
-
-fn async_stream(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-) -> ReceiverStream<Result<PeerTls, std::io::Error>> {
-    let (tx, rx) = mpsc::channel(8);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                // Refused handshakes are the client's problem to report.
-                if let Ok(tls) = acceptor.accept(tcp).await {
-                    let caller =
-                        Caller(trellis_ca::peer_id(tls.get_ref().1.peer_certificates()).ok());
-                    let _ = tx.send(Ok(PeerTls { tls, caller })).await;
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
 }
 
 fn join_token(service: &str) -> String {
