@@ -1,8 +1,6 @@
 //! What the mesh refuses, and how: plaintext, foreign CAs and foreign identities at
 //! the inbound; a server with the wrong id at the outbound. Never a hang.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;

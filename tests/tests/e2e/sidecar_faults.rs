@@ -1,8 +1,6 @@
 //! Fault injection across real sidecars: aborts answer a share of requests in the
 //! caller's sidecar without reaching the app; delays hold requests before they go.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
 use std::{
     net::SocketAddr,
     sync::Arc,

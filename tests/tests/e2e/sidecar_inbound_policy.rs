@@ -2,8 +2,6 @@
 //! `retry-after`, the admitted rate held to the limit) and authorization that follows
 //! every policy change on the connections already open.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},

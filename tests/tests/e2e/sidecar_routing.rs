@@ -1,8 +1,6 @@
 //! Routes, subsets and timeouts on the outbound side, and authorization on the
 //! inbound side, across real sidecar processes.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
 use std::{
     collections::BTreeMap,
     net::SocketAddr,

@@ -3,8 +3,6 @@
 //! without connecting; `maxEjectionPercent` keeps some endpoints in rotation; and
 //! `/config` and `/metrics` show it all.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
 use std::{
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},

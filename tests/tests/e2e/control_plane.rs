@@ -3,8 +3,6 @@
 //! plane that dies under load and comes back, certificate rotation under a long
 //! stream, and sidecars that vanish.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
 use std::{
     net::SocketAddr,
     sync::{

@@ -3,8 +3,6 @@
 //! timeouts that move a slow try to another endpoint, and the route timeout over all
 //! tries. The backends are `faulty_app`s that fail and slow down on command.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
 use std::{
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},

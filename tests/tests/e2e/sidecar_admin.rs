@@ -1,8 +1,6 @@
 //! The sidecar seen by an operator: metrics that match the traffic, the admin
 //! endpoints, access logs, and draining on SIGTERM or `POST /shutdown`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
 use std::time::Duration;
 
 use bytes::Bytes;

@@ -1,8 +1,6 @@
 //! Traffic across two sidecars over mTLS: HTTP/1.1 and HTTP/2 with streamed bodies,
 //! gRPC unary and streaming, opaque TCP, protocol upgrades, and load balancing.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
 use std::{net::SocketAddr, time::Duration};
 
 use bytes::Bytes;

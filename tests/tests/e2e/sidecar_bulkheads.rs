@@ -2,8 +2,6 @@
 //! other pools of the service alone; waiters get a freed slot, or give up after
 //! `maxPendingTime` or the route's timeout.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
-
 use std::{
     net::SocketAddr,
     time::{Duration, Instant},
