@@ -181,7 +181,35 @@ pub struct RouteConfig {
     pub bulkhead: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<FaultConfig>,
+    /// A copy of a share of the requests, sent to a shadow whose answers are discarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorConfig>,
 }
+
+/// Where copies of a route's requests go, and whether the shadow's answers are compared
+/// with the primary's. Exactly one of `service` and `subset`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MirrorConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    /// Share of the route's requests copied, 0..=100.
+    pub percent: f64,
+    /// Compare the shadow's status and body digest with the primary's.
+    #[serde(default)]
+    pub compare: bool,
+    /// JSON fields left out of the body comparison (`id`, `meta.timestamp`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignore_fields: Vec<String>,
+    /// Requests with larger bodies are not mirrored; none: `DEFAULT_MIRROR_BODY_BYTES`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u32>,
+}
+
+/// How much of a request body a mirror copies when the route does not say.
+pub const DEFAULT_MIRROR_BODY_BYTES: u32 = 64 * 1024;
 
 /// Every condition given must hold; an empty match matches everything.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -17,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 use trellis_api::config::{
     AllowConfig, AuthorizationDefault, BackendConfig, BackoffConfig, BulkheadConfig,
     CircuitBreakerConfig, EndpointConfig, FaultAbortConfig, FaultConfig, FaultDelayConfig,
-    HeaderMatchConfig, InboundConfig, MtlsMode, OperationConfig, ProxyConfig, RateLimitConfig,
-    RetriesConfig, RetryBudgetConfig, RouteConfig, RouteMatchConfig, ServiceConfig, SourceConfig,
+    HeaderMatchConfig, InboundConfig, MirrorConfig, MtlsMode, OperationConfig, ProxyConfig,
+    RateLimitConfig, RetriesConfig, RetryBudgetConfig, RouteConfig, RouteMatchConfig,
+    ServiceConfig, SourceConfig,
 };
 use trellis_crds::{
     AuthorizationPolicy, DefaultAuthorization, DestinationPolicy, DestinationPolicySpec, Document,
@@ -117,8 +118,10 @@ impl Catalog {
         for r in &resources.routes {
             let ns = namespace_of(&r.metadata);
             entry(ns, &r.spec.service);
-            for backend in r.spec.rules.iter().flat_map(|rule| &rule.backends) {
-                if let Some(other) = &backend.service {
+            for rule in &r.spec.rules {
+                let backends = rule.backends.iter().map(|b| &b.service);
+                let mirror = rule.mirror.iter().map(|m| &m.service);
+                for other in backends.chain(mirror).flatten() {
                     entry(ns, other);
                 }
             }
@@ -177,8 +180,10 @@ impl Catalog {
             .iter()
             .map(|((ns, name), service)| {
                 let mut service = service.clone();
-                for backend in service.routes.iter_mut().flat_map(|r| &mut r.backends) {
-                    if let Some(other) = &mut backend.service {
+                for route in &mut service.routes {
+                    let backends = route.backends.iter_mut().map(|b| &mut b.service);
+                    let mirror = route.mirror.iter_mut().map(|m| &mut m.service);
+                    for other in backends.chain(mirror).flatten() {
                         *other = key(ns, other);
                     }
                 }
@@ -288,6 +293,14 @@ fn route(index: usize, rule: &RouteRule) -> RouteConfig {
                 status: a.status,
                 percent: a.percent,
             }),
+        }),
+        mirror: rule.mirror.as_ref().map(|m| MirrorConfig {
+            service: m.service.clone(),
+            subset: m.subset.clone(),
+            percent: m.percent,
+            compare: m.compare,
+            ignore_fields: m.ignore_fields.clone(),
+            max_body_bytes: m.max_body_bytes,
         }),
     }
 }

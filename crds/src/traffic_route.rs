@@ -121,6 +121,14 @@ pub struct Mirror {
     /// Compare the shadow's status and body digest with the primary's.
     #[serde(default)]
     pub compare: bool,
+    /// JSON fields the comparison ignores, by name or dotted path (`id`,
+    /// `order.createdAt`): values that differ on every call, like ids and timestamps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignore_fields: Vec<String>,
+    /// Requests whose bodies are larger are not mirrored (and are counted); default 64 KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1048576))]
+    pub max_body_bytes: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
@@ -319,6 +327,23 @@ impl TrafficRouteSpec {
                     mirror.subset.as_deref(),
                     policy,
                 );
+                if mirror.max_body_bytes.is_some_and(|b| b > 1 << 20) {
+                    check.fail(format!("{mat}.maxBodyBytes"), "must be at most 1048576");
+                }
+                for (f, field) in mirror.ignore_fields.iter().enumerate() {
+                    if field.is_empty() || field.split('.').any(str::is_empty) {
+                        check.fail(
+                            format!("{mat}.ignoreFields[{f}]"),
+                            "must be a field name or a dotted path like `order.id`",
+                        );
+                    }
+                }
+                if !mirror.ignore_fields.is_empty() && !mirror.compare {
+                    check.fail(
+                        format!("{mat}.ignoreFields"),
+                        "only means something with `compare: true`",
+                    );
+                }
             }
             check.optional_duration(&format!("{at}.timeout"), rule.timeout.as_deref());
             if let Some(retries) = &rule.retries {

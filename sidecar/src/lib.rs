@@ -1,6 +1,7 @@
 //! `trellis-sidecar` owns the data path of `trellis-proxy`: the outbound listener
 //! the local app calls, the inbound mTLS listener peers call, protocol detection,
-//! load balancing, the admin server, the proxy's telemetry and, in control-plane mode,
+//! load balancing, the admin server, the proxy's telemetry, the traffic ledger it
+//! reports and, in control-plane mode,
 //! the client that fetches its certificate and config.
 
 #![forbid(unsafe_code)]
@@ -17,5 +18,6 @@ pub mod outbound;
 pub mod proxy;
 pub mod static_config;
 pub mod telemetry;
+pub mod traffic;
 
 pub use proxy::{ProxyError, run};

@@ -24,6 +24,7 @@ pub const CERT_RENEWALS: &str = "trellis_certificate_renewals_total";
 /// exact in both modes and an old config version leaves no series behind.
 pub const CERT_EXPIRY: &str = "trellis_certificate_expiry_timestamp_seconds";
 pub const CONFIG_VERSION: &str = "trellis_config_version_info";
+pub const ROUTE_BACKEND_REQUESTS: &str = "trellis_route_backend_requests_total";
 
 /// Fine enough below a millisecond, where a sidecar's own cost lives.
 const DURATION_BUCKETS: &[f64] = &[
@@ -55,6 +56,10 @@ pub fn install_metrics() -> Result<PrometheusHandle, String> {
         .build_recorder();
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|e| e.to_string())?;
+    metrics::describe_counter!(
+        ROUTE_BACKEND_REQUESTS,
+        "Outbound requests by destination service, matching route, backend (subset or service) and status"
+    );
     metrics::describe_counter!(
         REQUESTS,
         "HTTP requests handled, by direction and status code"
@@ -184,6 +189,29 @@ pub fn record_request(
     let code = ("code", status.as_u16().to_string());
     let [a, b, c] = labels;
     metrics::counter!(REQUESTS, &[a, b, c, code]).increment(1);
+}
+
+/// Counts one outbound request by the route that matched and the backend (subset or
+/// service) that served it, for splits and canaries; and enters it in the ledger the
+/// control plane is sent. Routes and backends come from config, so labels stay bounded.
+pub fn record_route_backend(
+    service: &str,
+    route: &str,
+    backend: &str,
+    status: StatusCode,
+    mesh_error: bool,
+    elapsed: Duration,
+) {
+    metrics::counter!(
+        ROUTE_BACKEND_REQUESTS,
+        "service" => service.to_string(),
+        "route" => route.to_string(),
+        "backend" => backend.to_string(),
+        "code" => status.as_u16().to_string(),
+    )
+    .increment(1);
+    let success = !status.is_server_error() && !mesh_error;
+    crate::traffic::global().record_route(service, route, backend, success, elapsed);
 }
 
 pub fn record_tls_error(direction: Direction, reason: &'static str) {

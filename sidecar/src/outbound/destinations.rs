@@ -502,6 +502,12 @@ impl Destination {
 // === impl Backend ===
 
 impl Backend {
+    /// How reports and metrics name the backend: its subset, or its service when the
+    /// backend is a whole service.
+    pub fn label(&self) -> &str {
+        self.subset.as_deref().unwrap_or(&self.service)
+    }
+
     /// `pick_for(None)`, for callers that need no reason.
     pub fn pick(&self) -> Option<&Arc<Endpoint>> {
         self.pick_for(None).ok()

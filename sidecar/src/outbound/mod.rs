@@ -40,6 +40,9 @@ use outlier::{Breaker, Outcome};
 use retry::{PeerBody, Replay, RetryPolicy, TryFailure};
 use route::{Backend, Route};
 
+/// The route name reported for requests no rule matched (they go to the whole service).
+pub const DEFAULT_ROUTE: &str = "default";
+
 #[derive(Debug)]
 pub struct Outbound {
     service: String,
@@ -67,11 +70,13 @@ impl Outbound {
 
         let mut route_name = None;
         let mut subset = None;
+        let mut served = None;
         let (response, peer_service, peer_id) = match (destination, authority.as_deref()) {
             (Some(destination), Some(authority)) => {
                 let (route, backend) = destination.route(&req);
                 route_name = route.map(|r| r.name.as_str());
                 subset = backend.subset.as_deref();
+                served = Some((destination.name.as_str(), backend));
                 let deadline = route
                     .and_then(|r| r.timeout)
                     .and_then(|t| Some((start.checked_add(t)?, t)));
@@ -122,6 +127,16 @@ impl Outbound {
             response.status(),
             elapsed,
         );
+        if let Some((destination, backend)) = served {
+            telemetry::record_route_backend(
+                destination,
+                route_name.unwrap_or(DEFAULT_ROUTE),
+                backend.label(),
+                response.status(),
+                response.headers().contains_key(crate::http::TRELLIS_ERROR),
+                elapsed,
+            );
+        }
         tracing::info!(
             target: "trellis::access",
             direction = "outbound",

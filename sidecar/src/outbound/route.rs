@@ -97,6 +97,7 @@ impl Route {
             retries,
             bulkhead,
             fault,
+            mirror: _,
         } = config;
         let matches = RouteMatch::compile(&format!("{at}.matches"), matches)?;
         let backends = if backends.is_empty() {

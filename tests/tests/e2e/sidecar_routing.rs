@@ -39,6 +39,7 @@ fn rule(name: &str, matches: RouteMatchConfig, backends: Vec<BackendConfig>) -> 
         retries: None,
         bulkhead: None,
         fault: None,
+        mirror: None,
     }
 }
 

@@ -1,0 +1,292 @@
+//! What this proxy's outbound side did since its last report to the control plane:
+//! requests per destination, route and backend with a latency histogram, and what each
+//! route's mirror did. The control plane's canary analysis and `trellisctl get shadow`
+//! are built from these windows, so they are deltas: `take` empties the ledger.
+//!
+//! Kept apart from the Prometheus recorder on purpose: metrics are cumulative and
+//! scraped by others; this is drained by the reporter alone.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::LazyLock,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use parking_lot::Mutex;
+use trellis_api::discovery::v1::{RouteStats, ShadowMismatch, ShadowStats};
+
+/// Upper bounds of the reported latency buckets, in seconds. Fixed, so windows from
+/// every proxy add up bucket by bucket on the control plane.
+pub const LATENCY_BOUNDS_SECONDS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// Mismatches kept per route mirror, for reports and the admin `/shadow` page.
+pub const RECENT_MISMATCHES: usize = 8;
+
+/// What became of one mirrored (or not mirrored) request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShadowOutcome {
+    /// Sent; the route does not compare, or the comparison is still to come.
+    Mirrored,
+    Matched,
+    StatusMismatch(Mismatch),
+    BodyMismatch(Mismatch),
+    /// Sent, but the shadow did not answer (connect failure, reset, timeout).
+    ShadowError,
+    /// Not sent: the shadow's pool was full.
+    Dropped,
+    /// Not sent: the request body was over the mirror's limit.
+    TooLarge,
+}
+
+/// One request whose shadow answered differently.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    pub method: String,
+    pub path: String,
+    pub primary_status: u16,
+    pub shadow_status: u16,
+    /// Hex SHA-256 of each compared body.
+    pub primary_digest: String,
+    pub shadow_digest: String,
+}
+
+/// Requests and shadows since the last `take`.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    window: Mutex<Window>,
+}
+
+#[derive(Debug, Default)]
+struct Window {
+    routes: HashMap<RouteKey, RouteCounts>,
+    shadows: HashMap<RouteKey, ShadowCounts>,
+}
+
+/// (destination, route, backend or shadow)
+type RouteKey = (String, String, String);
+
+#[derive(Debug, Default)]
+struct RouteCounts {
+    requests: u64,
+    successes: u64,
+    /// Per bucket, not cumulative; one more than the bounds for the slower ones.
+    buckets: [u64; LATENCY_BOUNDS_SECONDS.len() + 1],
+}
+
+#[derive(Debug, Default)]
+struct ShadowCounts {
+    stats: ShadowStats,
+    recent: VecDeque<ShadowMismatch>,
+}
+
+static GLOBAL: LazyLock<Ledger> = LazyLock::new(Ledger::default);
+
+/// The process's ledger: what the outbound side records and the reporter drains.
+pub fn global() -> &'static Ledger {
+    &GLOBAL
+}
+
+impl Ledger {
+    /// One request through `route` of `destination`, answered by `backend` (a subset
+    /// or service name). `success`: not a 5xx and not a mesh error.
+    pub fn record_route(
+        &self,
+        destination: &str,
+        route: &str,
+        backend: &str,
+        success: bool,
+        elapsed: Duration,
+    ) {
+        let seconds = elapsed.as_secs_f64();
+        let bucket = LATENCY_BOUNDS_SECONDS
+            .iter()
+            .position(|bound| seconds <= *bound)
+            .unwrap_or(LATENCY_BOUNDS_SECONDS.len());
+        let mut window = self.window.lock();
+        let key = (destination.to_owned(), route.to_owned(), backend.to_owned());
+        let counts = window.routes.entry(key).or_default();
+        counts.requests += 1;
+        counts.successes += u64::from(success);
+        counts.buckets[bucket] += 1;
+    }
+
+    /// What the mirror of `route` of `destination` to `shadow` did with one request.
+    /// A compared copy is recorded twice: `Mirrored` when sent, then its result.
+    pub fn record_shadow(
+        &self,
+        destination: &str,
+        route: &str,
+        shadow: &str,
+        outcome: ShadowOutcome,
+    ) {
+        let mut window = self.window.lock();
+        let key = (destination.to_owned(), route.to_owned(), shadow.to_owned());
+        let counts = window.shadows.entry(key).or_default();
+        let stats = &mut counts.stats;
+        let mismatch = match outcome {
+            ShadowOutcome::Mirrored => {
+                stats.mirrored += 1;
+                None
+            }
+            ShadowOutcome::Matched => {
+                stats.matched += 1;
+                None
+            }
+            ShadowOutcome::StatusMismatch(m) => {
+                stats.status_mismatches += 1;
+                Some(m)
+            }
+            ShadowOutcome::BodyMismatch(m) => {
+                stats.body_mismatches += 1;
+                Some(m)
+            }
+            ShadowOutcome::ShadowError => {
+                stats.shadow_errors += 1;
+                None
+            }
+            ShadowOutcome::Dropped => {
+                stats.dropped += 1;
+                None
+            }
+            ShadowOutcome::TooLarge => {
+                stats.too_large += 1;
+                None
+            }
+        };
+        if let Some(m) = mismatch {
+            if counts.recent.len() == RECENT_MISMATCHES {
+                counts.recent.pop_front();
+            }
+            counts.recent.push_back(ShadowMismatch {
+                unix_ms: unix_ms(SystemTime::now()),
+                method: m.method,
+                path: m.path,
+                primary_status: u32::from(m.primary_status),
+                shadow_status: u32::from(m.shadow_status),
+                primary_digest: m.primary_digest,
+                shadow_digest: m.shadow_digest,
+            });
+        }
+    }
+
+    /// Everything since the last call, as the report carries it; the ledger starts over.
+    pub fn take(&self) -> (Vec<RouteStats>, Vec<ShadowStats>) {
+        let window = std::mem::take(&mut *self.window.lock());
+        let routes = window
+            .routes
+            .into_iter()
+            .map(|((destination, route, backend), counts)| {
+                let mut below = 0;
+                let latency_bucket_counts = counts.buckets[..LATENCY_BOUNDS_SECONDS.len()]
+                    .iter()
+                    .map(|n| {
+                        below += n;
+                        below
+                    })
+                    .collect();
+                RouteStats {
+                    destination,
+                    route,
+                    backend,
+                    requests: counts.requests,
+                    successes: counts.successes,
+                    latency_bounds_seconds: LATENCY_BOUNDS_SECONDS.to_vec(),
+                    latency_bucket_counts,
+                }
+            })
+            .collect();
+        let shadows = window
+            .shadows
+            .into_iter()
+            .map(|((destination, route, shadow), counts)| ShadowStats {
+                destination,
+                route,
+                shadow,
+                recent: counts.recent.into(),
+                ..counts.stats
+            })
+            .collect();
+        (routes, shadows)
+    }
+}
+
+fn unix_ms(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_window_counts_requests_by_route_and_backend_and_starts_over() {
+        let ledger = Ledger::default();
+        let ms = Duration::from_millis;
+        ledger.record_route("web", "canary", "v1", true, ms(3));
+        ledger.record_route("web", "canary", "v1", false, ms(40));
+        ledger.record_route("web", "canary", "v2", true, Duration::from_secs(400));
+        let (mut routes, shadows) = ledger.take();
+        assert!(shadows.is_empty());
+        routes.sort_by(|a, b| a.backend.cmp(&b.backend));
+        let [v1, v2] = &routes[..] else {
+            panic!("two backends expected: {routes:?}")
+        };
+        assert_eq!((v1.requests, v1.successes), (2, 1));
+        // Cumulative: nothing at 1 ms, one by 5 ms, both by 50 ms.
+        assert_eq!(v1.latency_bucket_counts[0], 0);
+        assert_eq!(v1.latency_bucket_counts[2], 1);
+        assert_eq!(v1.latency_bucket_counts[5], 2);
+        assert_eq!(v1.latency_bucket_counts.last(), Some(&2));
+        // Slower than the last bound: counted in requests, in no bucket.
+        assert_eq!(v2.requests, 1);
+        assert_eq!(v2.latency_bucket_counts.last(), Some(&0));
+        assert_eq!(ledger.take(), (vec![], vec![]));
+    }
+
+    #[test]
+    fn shadow_outcomes_are_counted_and_only_the_latest_mismatches_kept() {
+        let ledger = Ledger::default();
+        let mismatch = |path: &str| Mismatch {
+            method: "GET".into(),
+            path: path.into(),
+            primary_status: 200,
+            shadow_status: 500,
+            primary_digest: "aa".into(),
+            shadow_digest: "bb".into(),
+        };
+        for i in 0..RECENT_MISMATCHES + 2 {
+            ledger.record_shadow(
+                "pay",
+                "0",
+                "v2",
+                ShadowOutcome::StatusMismatch(mismatch(&format!("/{i}"))),
+            );
+        }
+        for outcome in [
+            ShadowOutcome::Mirrored,
+            ShadowOutcome::Matched,
+            ShadowOutcome::ShadowError,
+            ShadowOutcome::Dropped,
+            ShadowOutcome::TooLarge,
+        ] {
+            ledger.record_shadow("pay", "0", "v2", outcome);
+        }
+        let (_, shadows) = ledger.take();
+        let [stats] = &shadows[..] else {
+            panic!("one shadow expected: {shadows:?}")
+        };
+        assert_eq!(stats.status_mismatches, 10);
+        assert_eq!(
+            (stats.mirrored, stats.matched, stats.shadow_errors),
+            (1, 1, 1)
+        );
+        assert_eq!((stats.dropped, stats.too_large), (1, 1));
+        let paths: Vec<_> = stats.recent.iter().map(|m| m.path.as_str()).collect();
+        assert_eq!(paths.first(), Some(&"/2"));
+        assert_eq!(paths.last(), Some(&"/9"));
+        assert_eq!(paths.len(), RECENT_MISMATCHES);
+    }
+}
