@@ -1,5 +1,6 @@
 //! The admin server, loopback by default: liveness, readiness, Prometheus metrics,
-//! the current config and certificate, and a drain trigger for Jobs.
+//! the current config and certificate, what the mirrors saw, and a drain trigger for
+//! Jobs.
 
 use std::{
     net::SocketAddr,
@@ -24,6 +25,7 @@ use trellis_ca::Credentials;
 use crate::{
     outbound::destinations::{Destinations, DestinationsView},
     telemetry::{self, rfc3339},
+    traffic,
 };
 
 /// Where each listener ended up (ports may have been 0).
@@ -76,6 +78,97 @@ struct CertView {
     not_after: String,
     chain_length: usize,
     trust_bundle_roots: usize,
+}
+
+/// `GET /shadow`: every mirror's totals and latest mismatches since the process started.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ShadowsView {
+    shadows: Vec<ShadowView>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ShadowView {
+    service: String,
+    route: String,
+    shadow: String,
+    totals: ShadowTotals,
+    /// Oldest first.
+    recent_mismatches: Vec<MismatchView>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ShadowTotals {
+    mirrored: u64,
+    matched: u64,
+    status_mismatches: u64,
+    body_mismatches: u64,
+    shadow_errors: u64,
+    dropped: u64,
+    too_large: u64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MismatchView {
+    at: String,
+    /// `status` or `body`: what differed first.
+    kind: &'static str,
+    method: String,
+    path: String,
+    primary_status: u32,
+    shadow_status: u32,
+    primary_digest: String,
+    shadow_digest: String,
+}
+
+impl ShadowsView {
+    fn now() -> Self {
+        let shadows = traffic::global()
+            .shadow_history()
+            .into_iter()
+            .map(|stats| ShadowView {
+                totals: ShadowTotals {
+                    mirrored: stats.mirrored,
+                    matched: stats.matched,
+                    status_mismatches: stats.status_mismatches,
+                    body_mismatches: stats.body_mismatches,
+                    shadow_errors: stats.shadow_errors,
+                    dropped: stats.dropped,
+                    too_large: stats.too_large,
+                },
+                recent_mismatches: stats
+                    .recent
+                    .into_iter()
+                    .map(|m| MismatchView {
+                        at: rfc3339(
+                            std::time::UNIX_EPOCH
+                                + std::time::Duration::from_millis(
+                                    u64::try_from(m.unix_ms).unwrap_or(0),
+                                ),
+                        ),
+                        kind: if m.primary_status == m.shadow_status {
+                            "body"
+                        } else {
+                            "status"
+                        },
+                        method: m.method,
+                        path: m.path,
+                        primary_status: m.primary_status,
+                        shadow_status: m.shadow_status,
+                        primary_digest: m.primary_digest,
+                        shadow_digest: m.shadow_digest,
+                    })
+                    .collect(),
+                service: stats.destination,
+                route: stats.route,
+                shadow: stats.shadow,
+            })
+            .collect();
+        Self { shadows }
+    }
 }
 
 impl std::fmt::Debug for Admin {
@@ -166,17 +259,19 @@ impl Admin {
                 }),
                 None => text(StatusCode::SERVICE_UNAVAILABLE, "no certificate yet"),
             },
+            (&Method::GET, "/shadow") => json(&ShadowsView::now()),
             (&Method::POST, "/shutdown") => {
                 tracing::info!("shutdown requested on the admin port");
                 self.shutdown.cancel();
                 text(StatusCode::ACCEPTED, "draining")
             }
-            (_, "/live" | "/ready" | "/metrics" | "/config" | "/certs" | "/shutdown") => {
-                text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
-            }
+            (
+                _,
+                "/live" | "/ready" | "/metrics" | "/config" | "/certs" | "/shadow" | "/shutdown",
+            ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /live /ready /metrics /config /certs or POST /shutdown",
+                "not found; try /live /ready /metrics /config /certs /shadow or POST /shutdown",
             ),
         }
     }

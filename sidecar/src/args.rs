@@ -161,6 +161,17 @@ pub struct ControlPlaneArgs {
     )]
     pub heartbeat_interval: Duration,
 
+    /// How often the sidecar sends the control plane what its outbound side did
+    /// (requests per route and backend with latency, mirror outcomes), for canary
+    /// analysis and `trellisctl stat`.
+    #[arg(
+        long,
+        env = "TRELLIS_REPORT_INTERVAL",
+        default_value = "10s",
+        value_parser = positive_duration
+    )]
+    pub report_interval: Duration,
+
     /// The certificate lifetime to ask for; absent or 0 asks for the mesh default
     /// (MeshConfig certTTL).
     #[arg(
@@ -274,6 +285,7 @@ mod tests {
         let control = parse(CONTROL).unwrap();
         assert!(control.config.is_none());
         assert_eq!(control.control.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(control.control.report_interval, Duration::from_secs(10));
         assert_eq!(control.control.cert_ttl, None);
 
         let neither = parse(&[]).unwrap_err().to_string();
@@ -340,6 +352,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("longer than zero"), "{error}");
+        let args = parse(&[CONTROL, &["--report-interval", "200ms"]].concat()).unwrap();
+        assert_eq!(args.control.report_interval, Duration::from_millis(200));
+        for bad in ["0s", "0", "soon", "10x"] {
+            let error = parse(&[CONTROL, &["--report-interval", bad]].concat())
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains("--report-interval"), "{bad}: {error}");
+        }
         let error = parse(&[
             "--control-plane",
             "http://cp:1",

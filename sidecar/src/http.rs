@@ -214,14 +214,16 @@ pub fn authority_of<B>(req: &Request<B>) -> Option<&str> {
 /// Serves HTTP/1.1 and HTTP/2 (by the connection's preface) on one accepted
 /// connection until it ends; when `drain` fires, stops taking new requests, lets the
 /// ones in flight finish, and closes.
-pub async fn serve_connection<I, S>(
+pub async fn serve_connection<I, S, B>(
     io: I,
     service: S,
     drain: tokio_util::sync::CancellationToken,
     idle: std::time::Duration,
 ) where
     I: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<ProxyBody>> + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {

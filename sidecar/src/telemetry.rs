@@ -84,6 +84,7 @@ pub fn install_metrics() -> Result<PrometheusHandle, String> {
         "Certify requests (the first certificate and renewals), by result"
     );
     describe_resilience();
+    describe_shadow();
     Ok(handle)
 }
 
@@ -111,6 +112,19 @@ fn describe_resilience() {
     metrics::describe_counter!(
         fault::INJECTED,
         "Requests delayed or aborted by a route's fault injection, by kind"
+    );
+}
+
+/// HELP lines of the mirrors' metrics (docs/shadow.md).
+fn describe_shadow() {
+    use crate::outbound::mirror;
+    metrics::describe_counter!(
+        mirror::SHADOW_REQUESTS,
+        "Requests a route's mirror took, by outcome: mirrored (copy sent), dropped (the mirror's pool was full) or too_large (body over maxBodyBytes)"
+    );
+    metrics::describe_counter!(
+        mirror::SHADOW_COMPARISONS,
+        "Copies of a compare: true mirror by result: match, status_mismatch, body_mismatch, shadow_error (no answer from the shadow) or dropped"
     );
 }
 

@@ -56,6 +56,9 @@ pub struct Mismatch {
 #[derive(Debug, Default)]
 pub struct Ledger {
     window: Mutex<Window>,
+    /// Every mirror's outcomes since the process started, never drained: the admin
+    /// `/shadow` page reads it without taking the reporter's window away.
+    shadow_history: Mutex<HashMap<RouteKey, ShadowCounts>>,
 }
 
 #[derive(Debug, Default)]
@@ -121,54 +124,39 @@ impl Ledger {
         shadow: &str,
         outcome: ShadowOutcome,
     ) {
-        let mut window = self.window.lock();
         let key = (destination.to_owned(), route.to_owned(), shadow.to_owned());
-        let counts = window.shadows.entry(key).or_default();
-        let stats = &mut counts.stats;
-        let mismatch = match outcome {
-            ShadowOutcome::Mirrored => {
-                stats.mirrored += 1;
-                None
-            }
-            ShadowOutcome::Matched => {
-                stats.matched += 1;
-                None
-            }
-            ShadowOutcome::StatusMismatch(m) => {
-                stats.status_mismatches += 1;
-                Some(m)
-            }
-            ShadowOutcome::BodyMismatch(m) => {
-                stats.body_mismatches += 1;
-                Some(m)
-            }
-            ShadowOutcome::ShadowError => {
-                stats.shadow_errors += 1;
-                None
-            }
-            ShadowOutcome::Dropped => {
-                stats.dropped += 1;
-                None
-            }
-            ShadowOutcome::TooLarge => {
-                stats.too_large += 1;
-                None
-            }
-        };
-        if let Some(m) = mismatch {
-            if counts.recent.len() == RECENT_MISMATCHES {
-                counts.recent.pop_front();
-            }
-            counts.recent.push_back(ShadowMismatch {
-                unix_ms: unix_ms(SystemTime::now()),
-                method: m.method,
-                path: m.path,
-                primary_status: u32::from(m.primary_status),
-                shadow_status: u32::from(m.shadow_status),
-                primary_digest: m.primary_digest,
-                shadow_digest: m.shadow_digest,
-            });
-        }
+        let at = unix_ms(SystemTime::now());
+        count_shadow(
+            self.shadow_history.lock().entry(key.clone()).or_default(),
+            outcome.clone(),
+            at,
+        );
+        count_shadow(
+            self.window.lock().shadows.entry(key).or_default(),
+            outcome,
+            at,
+        );
+    }
+
+    /// Every mirror's totals and latest mismatches since the process started, by
+    /// destination, route and shadow; nothing is drained.
+    pub fn shadow_history(&self) -> Vec<ShadowStats> {
+        let mut history: Vec<ShadowStats> = self
+            .shadow_history
+            .lock()
+            .iter()
+            .map(|((destination, route, shadow), counts)| ShadowStats {
+                destination: destination.clone(),
+                route: route.clone(),
+                shadow: shadow.clone(),
+                recent: counts.recent.iter().cloned().collect(),
+                ..counts.stats.clone()
+            })
+            .collect();
+        history.sort_by(|a, b| {
+            (&a.destination, &a.route, &a.shadow).cmp(&(&b.destination, &b.route, &b.shadow))
+        });
+        history
     }
 
     /// Everything since the last call, as the report carries it; the ledger starts over.
@@ -209,6 +197,55 @@ impl Ledger {
             })
             .collect();
         (routes, shadows)
+    }
+}
+
+/// Adds one outcome to `counts`, keeping the latest `RECENT_MISMATCHES` mismatches.
+fn count_shadow(counts: &mut ShadowCounts, outcome: ShadowOutcome, unix_ms: i64) {
+    let stats = &mut counts.stats;
+    let mismatch = match outcome {
+        ShadowOutcome::Mirrored => {
+            stats.mirrored += 1;
+            None
+        }
+        ShadowOutcome::Matched => {
+            stats.matched += 1;
+            None
+        }
+        ShadowOutcome::StatusMismatch(m) => {
+            stats.status_mismatches += 1;
+            Some(m)
+        }
+        ShadowOutcome::BodyMismatch(m) => {
+            stats.body_mismatches += 1;
+            Some(m)
+        }
+        ShadowOutcome::ShadowError => {
+            stats.shadow_errors += 1;
+            None
+        }
+        ShadowOutcome::Dropped => {
+            stats.dropped += 1;
+            None
+        }
+        ShadowOutcome::TooLarge => {
+            stats.too_large += 1;
+            None
+        }
+    };
+    if let Some(m) = mismatch {
+        if counts.recent.len() == RECENT_MISMATCHES {
+            counts.recent.pop_front();
+        }
+        counts.recent.push_back(ShadowMismatch {
+            unix_ms,
+            method: m.method,
+            path: m.path,
+            primary_status: u32::from(m.primary_status),
+            shadow_status: u32::from(m.shadow_status),
+            primary_digest: m.primary_digest,
+            shadow_digest: m.shadow_digest,
+        });
     }
 }
 
@@ -288,5 +325,32 @@ mod tests {
         assert_eq!(paths.first(), Some(&"/2"));
         assert_eq!(paths.last(), Some(&"/9"));
         assert_eq!(paths.len(), RECENT_MISMATCHES);
+    }
+
+    #[test]
+    fn the_shadow_history_outlives_the_reports_windows() {
+        let ledger = Ledger::default();
+        let mismatch = Mismatch {
+            method: "POST".into(),
+            path: "/orders".into(),
+            primary_status: 200,
+            shadow_status: 200,
+            primary_digest: "aa".into(),
+            shadow_digest: "bb".into(),
+        };
+        ledger.record_shadow("web", "r", "v2", ShadowOutcome::Mirrored);
+        ledger.record_shadow("web", "r", "v2", ShadowOutcome::BodyMismatch(mismatch));
+        assert_eq!(ledger.take().1.len(), 1);
+        ledger.record_shadow("web", "r", "v2", ShadowOutcome::Mirrored);
+        ledger.record_shadow("api", "r", "api-next", ShadowOutcome::TooLarge);
+        let history = ledger.shadow_history();
+        let keys: Vec<_> = history.iter().map(|s| s.destination.as_str()).collect();
+        assert_eq!(keys, ["api", "web"], "sorted");
+        let web = &history[1];
+        assert_eq!((web.mirrored, web.body_mismatches), (2, 1));
+        assert_eq!(web.recent[0].path, "/orders");
+        assert_eq!(ledger.shadow_history(), history, "reading drains nothing");
+        let (_, window) = ledger.take();
+        assert_eq!(window.iter().map(|s| s.mirrored).sum::<u64>(), 1);
     }
 }

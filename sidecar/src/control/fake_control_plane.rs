@@ -275,6 +275,7 @@ async fn certify_subscribe_answer_renew_reconnect_and_stop() {
         instance: None,
         advertise_addr: None,
         heartbeat_interval: Duration::from_millis(200),
+        report_interval: Duration::from_secs(10),
         cert_ttl: Some(LEAF_TTL),
     };
     let control = ControlPlane::new(args, "payment", "shop", app.local_addr().unwrap()).unwrap();
@@ -417,6 +418,7 @@ fn a_token_for_another_service_stops_the_start() {
             instance: Some("payment-1".into()),
             advertise_addr: None,
             heartbeat_interval: Duration::from_secs(5),
+            report_interval: Duration::from_secs(10),
             cert_ttl: None,
         }
     };

@@ -1,5 +1,6 @@
 //! Control-plane mode: the sidecar gets its certificate from `Identity.Certify` and its
-//! routing config from `Discovery.Subscribe`, both over TLS to the control plane,
+//! routing config from `Discovery.Subscribe`, both over TLS to the control plane, and
+//! sends what its outbound side did with `Discovery.Report` (see `report`),
 //! whose own SVID (`spiffe://<td>/ns/trellis-system/sa/trellis-control-plane`) is
 //! checked against `--trust-anchors`.
 //!
@@ -11,6 +12,7 @@ mod backoff;
 pub mod certify;
 #[cfg(test)]
 mod fake_control_plane;
+pub mod report;
 pub mod subscribe;
 pub mod token;
 
@@ -125,6 +127,7 @@ pub struct ControlPlane {
     labels: std::collections::BTreeMap<String, String>,
     advertise_addr: Option<SocketAddr>,
     heartbeat_interval: Duration,
+    report_interval: Duration,
     app_addr: SocketAddr,
 }
 
@@ -146,6 +149,7 @@ impl ControlPlane {
             instance,
             advertise_addr,
             heartbeat_interval,
+            report_interval,
             cert_ttl,
         } = args;
         let addr = control_plane.ok_or(SetupError::NoControlPlane)?;
@@ -192,6 +196,7 @@ impl ControlPlane {
             labels: labels.unwrap_or_default().0,
             advertise_addr,
             heartbeat_interval,
+            report_interval,
             app_addr,
         })
     }
@@ -226,6 +231,7 @@ impl ControlPlane {
             labels,
             advertise_addr,
             heartbeat_interval,
+            report_interval,
             app_addr,
         } = self;
         let advertise = advertise_addr.unwrap_or_else(|| advertised(inbound));
@@ -236,6 +242,15 @@ impl ControlPlane {
             server_id: server_id.clone(),
             token,
             cert_ttl,
+        };
+        // Reports ride on the Discovery stream's connection: one per proxy, not two.
+        let (channel_tx, channel_rx) = watch::channel(None);
+        let reporter = report::Reporter {
+            service: service.clone(),
+            namespace: namespace.clone(),
+            instance: instance.clone(),
+            interval: report_interval,
+            channel: channel_rx,
         };
         let subscriber = subscribe::Subscriber {
             addr,
@@ -251,6 +266,7 @@ impl ControlPlane {
             heartbeat_interval,
             destinations,
             config_ready,
+            channel: channel_tx,
         };
         let (issued_tx, issued_rx) = watch::channel(false);
         let (health_tx, health_rx) = watch::channel(false);
@@ -260,6 +276,7 @@ impl ControlPlane {
                 certifier.run(issued_tx, shutdown.clone()),
                 subscribe::probe_app(app_addr, probe_every, health_tx, shutdown.clone()),
                 subscriber.run(issued_rx, health_rx, shutdown.clone()),
+                reporter.run(shutdown.clone()),
             );
         })
     }
@@ -480,6 +497,7 @@ mod tests {
             instance: None,
             advertise_addr: None,
             heartbeat_interval: Duration::from_secs(5),
+            report_interval: Duration::from_secs(10),
             cert_ttl: None,
         };
         let app = "127.0.0.1:9".parse().unwrap();

@@ -21,6 +21,7 @@ use tokio::{
 };
 use tokio_stream::{StreamExt, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
 use trellis_api::{
     MAX_MESSAGE_BYTES,
     config::ProxyConfig,
@@ -61,6 +62,8 @@ pub(crate) struct Subscriber {
     pub(crate) heartbeat_interval: Duration,
     pub(crate) destinations: Arc<ArcSwap<Destinations>>,
     pub(crate) config_ready: Arc<AtomicBool>,
+    /// The stream's channel while it is open, for the reporter.
+    pub(crate) channel: watch::Sender<Option<Channel>>,
 }
 
 /// How a stream ended without an error.
@@ -93,6 +96,7 @@ impl Subscriber {
         loop {
             let mut pushed = false;
             let result = self.subscribe(&mut health, &shutdown, &mut pushed).await;
+            self.channel.send_replace(None);
             metrics::gauge!(telemetry::CONTROL_PLANE_CONNECTED).set(0.0);
             // A stream that delivered a config was healthy: start the backoff over.
             if pushed {
@@ -126,7 +130,8 @@ impl Subscriber {
             () = shutdown.cancelled() => return Ok(Ended::Shutdown),
             channel = connect(&self.addr, &self.creds, &self.server_id) => channel?,
         };
-        let mut client = DiscoveryClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let mut client =
+            DiscoveryClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE_BYTES);
         let (outbox, rx) = mpsc::channel(OUTBOX);
         let healthy = *health.borrow_and_update();
         send(&outbox, Kind::Hello(self.hello(healthy)))?;
@@ -139,6 +144,7 @@ impl Subscriber {
             .map_err(|status| ControlError::status(rpc, status))?
             .into_inner();
         metrics::gauge!(telemetry::CONTROL_PLANE_CONNECTED).set(1.0);
+        self.channel.send_replace(Some(channel));
         tracing::info!(
             control_plane = %self.addr,
             instance = self.hello.instance,

@@ -161,7 +161,7 @@ impl Destinations {
                     .and_then(|p| p.services.get(*name))
                     .map(|d| &d.bulkheads),
             )?;
-            let routes = routes
+            let mut routes = routes
                 .iter()
                 .enumerate()
                 .map(|(r, route)| {
@@ -171,6 +171,11 @@ impl Destinations {
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
+            if let Some(before) = previous.and_then(|p| p.services.get(*name)) {
+                for route in &mut routes {
+                    route.keep_mirror_pool(&before.routes);
+                }
+            }
             services.insert(
                 name.to_string(),
                 Arc::new(Destination {
@@ -538,6 +543,18 @@ impl Backend {
         self.pick_at(avoid, Instant::now())
     }
 
+    /// An endpoint for a mirrored copy: one in rotation, by load, that is neither
+    /// ejected nor half-open. A copy reports nothing to the balancer or the breaker, so
+    /// it must not take a half-open endpoint's one probe.
+    pub fn pick_for_shadow(&self) -> Option<&Arc<Endpoint>> {
+        let now = Instant::now();
+        p2c_where(
+            &self.endpoints,
+            |e| e.load.cost(now),
+            |e| !e.outlier.is_out(),
+        )
+    }
+
     fn pick_at(
         &self,
         avoid: Option<&Arc<Endpoint>>,
@@ -840,6 +857,115 @@ mod tests {
         ] {
             let e = compile(web_with_routes(routes)).unwrap_err().to_string();
             assert!(e.starts_with(want), "{e}");
+        }
+    }
+
+    fn mirrored(mirror: trellis_api::config::MirrorConfig) -> ProxyConfig {
+        web_with_routes(vec![RouteConfig {
+            mirror: Some(mirror),
+            ..rule(vec![to(None, Some("v1"))])
+        }])
+    }
+
+    fn mirror_to(service: Option<&str>, subset: Option<&str>) -> trellis_api::config::MirrorConfig {
+        trellis_api::config::MirrorConfig {
+            service: service.map(str::to_string),
+            subset: subset.map(str::to_string),
+            percent: 100.0,
+            compare: false,
+            ignore_fields: vec![],
+            max_body_bytes: None,
+        }
+    }
+
+    #[test]
+    fn a_mirror_resolves_its_shadow_like_a_backend() {
+        let req = Request::get("/").body(()).unwrap();
+        let d = compile(mirrored(mirror_to(None, Some("v2")))).unwrap();
+        let (route, _) = d.get("web").unwrap().route(&req);
+        let mirror = route.unwrap().mirror.as_ref().unwrap();
+        assert_eq!(mirror.shadow(), "v2");
+        let d = compile(mirrored(mirror_to(Some("web-next"), None))).unwrap();
+        let (route, _) = d.get("web").unwrap().route(&req);
+        assert_eq!(route.unwrap().mirror.as_ref().unwrap().shadow(), "web-next");
+    }
+
+    #[test]
+    fn a_push_keeps_the_mirror_pool_while_the_shadow_stays() {
+        let creds = Credentials::new(Default::default());
+        let req = Request::get("/").body(()).unwrap();
+        let mirror_of = |d: &Destinations| {
+            let (route, _) = d.get("web").unwrap().route(&req);
+            route.unwrap().mirror.clone().unwrap()
+        };
+        let first = Destinations::compile(mirrored(mirror_to(None, Some("v2"))), &creds).unwrap();
+        let body = http_body_util::Empty::<bytes::Bytes>::new();
+        let (_held, _) = mirror_of(&first).admit(&Request::new(body)).unwrap();
+        let same = first
+            .compile_next(mirrored(mirror_to(None, Some("v2"))), &creds)
+            .unwrap();
+        assert_eq!(mirror_of(&same).in_flight(), 1, "the copy out still counts");
+        let other = same
+            .compile_next(mirrored(mirror_to(Some("web-next"), None)), &creds)
+            .unwrap();
+        assert_eq!(
+            mirror_of(&other).in_flight(),
+            0,
+            "another shadow, another pool"
+        );
+    }
+
+    #[test]
+    fn bad_mirrors_are_named_by_their_field_path() {
+        let at = "services.web.routes[0].mirror";
+        let cases = [
+            (
+                mirror_to(None, Some("v4")),
+                format!("{at}.subset: no subset \"v4\" (the service has [\"v1\", \"v2\", \"v3\"])"),
+            ),
+            (
+                mirror_to(Some("nowhere"), None),
+                format!("{at}.service: no service \"nowhere\" in this config"),
+            ),
+            (
+                mirror_to(Some("web-next"), Some("v2")),
+                format!("{at}: give exactly one of service and subset"),
+            ),
+            (
+                trellis_api::config::MirrorConfig {
+                    percent: 100.5,
+                    ..mirror_to(None, Some("v2"))
+                },
+                format!("{at}.percent: must be between 0 and 100, not 100.5"),
+            ),
+            (
+                trellis_api::config::MirrorConfig {
+                    compare: true,
+                    ignore_fields: vec!["id".into(), "order..at".into()],
+                    ..mirror_to(None, Some("v2"))
+                },
+                format!(
+                    "{at}.ignoreFields[1]: \"order..at\" must be a field name or a dotted path like `order.id`"
+                ),
+            ),
+            (
+                trellis_api::config::MirrorConfig {
+                    ignore_fields: vec!["id".into()],
+                    ..mirror_to(None, Some("v2"))
+                },
+                format!("{at}.ignoreFields: only means something with `compare: true`"),
+            ),
+            (
+                trellis_api::config::MirrorConfig {
+                    max_body_bytes: Some(2 << 20),
+                    ..mirror_to(None, Some("v2"))
+                },
+                format!("{at}.maxBodyBytes: must be at most 1048576, not 2097152"),
+            ),
+        ];
+        for (mirror, want) in cases {
+            let e = compile(mirrored(mirror)).unwrap_err().to_string();
+            assert_eq!(e, want);
         }
     }
 

@@ -1,14 +1,16 @@
 //! The outbound side: the local app sends plain HTTP here with the destination in
 //! the authority; the destination's first matching route picks a backend by weight,
 //! and the request leaves over mTLS HTTP/2 to one of the backend's peer sidecars,
-//! chosen by P2C over peak-EWMA. TCP listeners forward opaque bytes the same way, to
-//! any endpoint of their service.
+//! chosen by P2C over peak-EWMA. A route's mirror sends a copy on the side (see
+//! `mirror`). TCP listeners forward opaque bytes the same way, to any endpoint of their
+//! service.
 
 pub mod balance;
 pub mod bulkhead;
 pub mod connect;
 pub mod destinations;
 pub mod fault;
+pub mod mirror;
 pub mod outlier;
 pub mod retry;
 pub mod route;
@@ -36,6 +38,7 @@ use crate::{
 };
 use connect::ConnectError;
 use destinations::{Destinations, Endpoint};
+use mirror::{OutboundBody, RequestBody, Shadow};
 use outlier::{Breaker, Outcome};
 use retry::{PeerBody, Replay, RetryPolicy, TryFailure};
 use route::{Backend, Route};
@@ -57,7 +60,7 @@ impl Outbound {
         }
     }
 
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<OutboundBody> {
         let start = Instant::now();
         let request_id = telemetry::correlate(req.headers_mut());
         let method = req.method().clone();
@@ -71,6 +74,7 @@ impl Outbound {
         let mut route_name = None;
         let mut subset = None;
         let mut served = None;
+        let mut comparison = None;
         let (response, peer_service, peer_id) = match (destination, authority.as_deref()) {
             (Some(destination), Some(authority)) => {
                 let (route, backend) = destination.route(&req);
@@ -102,7 +106,16 @@ impl Outbound {
                         },
                         None => None,
                     };
-                    forward(route, backend, deadline, req, authority).await
+                    // Only a request that is sent is copied, and its copy is no reason
+                    // to refuse or delay it.
+                    let shadow = match route.and_then(|r| r.mirror.as_ref()) {
+                        Some(mirror) => mirror.admit(&req).map(|(shadow, compare)| {
+                            comparison = compare;
+                            shadow
+                        }),
+                        None => None,
+                    };
+                    forward(route, backend, deadline, req, authority, shadow).await
                 };
                 (response, backend.service.as_str(), peer_id)
             }
@@ -152,7 +165,10 @@ impl Outbound {
             request_id = request_id.to_str().unwrap_or_default(),
             "request"
         );
-        response
+        match comparison {
+            Some(comparison) => comparison.observe(response).map(Either::Right),
+            None => response.map(Either::Left),
+        }
     }
 
     /// Accepts opaque TCP for `service` and carries it to one of its endpoints over mTLS.
@@ -195,13 +211,14 @@ impl Outbound {
 /// Sends the request to an endpoint of `backend`, and again to another while the
 /// route's `retries` allow it; answers 504 if `deadline` passes first, backoff pauses
 /// included. Returns the response and the id the last endpoint tried was required to
-/// have.
+/// have. A `shadow` gets its copy of the request as the body streams to the first try.
 async fn forward<'d>(
     route: Option<&Route>,
     backend: &'d Backend,
     deadline: Option<(Instant, Duration)>,
     req: Request<Incoming>,
     authority: &str,
+    shadow: Option<Shadow>,
 ) -> (Response<ProxyBody>, Option<&'d str>) {
     let route_name = route.map_or("", |r| r.name.as_str());
     let policy = route.and_then(|r| r.retries.as_ref());
@@ -227,6 +244,12 @@ async fn forward<'d>(
         Err(e) => return (with_attempts(bad_target(&e), policy, 0), None),
     };
     parts.version = http::Version::HTTP_2;
+    // Under the replay, so the copy sees each byte of the client's body once however
+    // many tries there are.
+    let body = match shadow {
+        Some(shadow) => shadow.start(&parts, body),
+        None => RequestBody::plain(body),
+    };
 
     // Only a request that may be sent again pays for keeping its body: the others
     // (no retries, POST without allowNonIdempotent, a body over the limit) stream
@@ -345,7 +368,7 @@ async fn forward<'d>(
 
 /// What a retry needs to send the request again.
 struct Resend {
-    replay: Replay,
+    replay: Replay<RequestBody>,
     method: http::Method,
     uri: http::Uri,
     headers: http::HeaderMap,
@@ -544,7 +567,7 @@ fn peer_failure(
 pub struct OutboundService(pub Arc<Outbound>);
 
 impl hyper::service::Service<Request<Incoming>> for OutboundService {
-    type Response = Response<ProxyBody>;
+    type Response = Response<OutboundBody>;
     type Error = std::convert::Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 

@@ -25,7 +25,7 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use parking_lot::Mutex;
 use trellis_api::config::{BackoffConfig, RetriesConfig, RetryBudgetConfig};
 
-use super::destinations::CompileError;
+use super::{destinations::CompileError, mirror::RequestBody};
 
 /// Set on every response of a route with retries: how many tries were made.
 pub const ATTEMPTS: HeaderName = HeaderName::from_static("x-trellis-attempts");
@@ -44,9 +44,10 @@ const DEFAULT_BACKOFF_MAX: Duration = Duration::from_millis(250);
 /// The budget counts requests and retries in one-second buckets over this many seconds.
 const BUDGET_BUCKETS: u64 = 10;
 
-/// What the client's request body travels as: untouched when it is never replayed,
-/// through a `ReplayBody` when a later try may need it again.
-pub type PeerBody = Either<Incoming, ReplayBody>;
+/// What a request body travels to a peer as: the client's (copied for a mirror on the
+/// way, if any) untouched when it is never replayed, through a `ReplayBody` when a later
+/// try may need it again; a mirrored copy is the first kind too.
+pub type PeerBody = Either<RequestBody, ReplayBody<RequestBody>>;
 
 /// A route's retry policy, compiled.
 #[derive(Debug, Clone)]

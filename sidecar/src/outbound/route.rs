@@ -5,12 +5,15 @@
 use std::{sync::Arc, time::Duration};
 
 use http::{HeaderMap, HeaderName, Method, Request};
-use trellis_api::config::{BackendConfig, HeaderMatchConfig, RouteConfig, RouteMatchConfig};
+use trellis_api::config::{
+    BackendConfig, HeaderMatchConfig, MirrorConfig, RouteConfig, RouteMatchConfig,
+};
 
 use super::{
     bulkhead::{Bulkheads, Pool},
     destinations::{CompileError, Endpoint},
     fault::Fault,
+    mirror::Mirror,
     outlier::Breaker,
     retry::{RetryBudget, RetryPolicy},
 };
@@ -28,6 +31,8 @@ pub struct Route {
     pub fault: Option<Fault>,
     /// How failed tries are tried again; none: one try.
     pub retries: Option<RetryPolicy>,
+    /// Where copies of a share of the requests go; none: nowhere.
+    pub mirror: Option<Arc<Mirror>>,
 }
 
 /// Where a request may go: some endpoints of one service.
@@ -97,7 +102,7 @@ impl Route {
             retries,
             bulkhead,
             fault,
-            mirror: _,
+            mirror,
         } = config;
         let matches = RouteMatch::compile(&format!("{at}.matches"), matches)?;
         let backends = if backends.is_empty() {
@@ -138,6 +143,22 @@ impl Route {
             .as_ref()
             .map(|r| RetryPolicy::compile(&format!("{at}.retries"), r))
             .transpose()?;
+        let mirror = mirror
+            .as_ref()
+            .map(|m| {
+                let mat = format!("{at}.mirror");
+                let MirrorConfig {
+                    service, subset, ..
+                } = m;
+                let target = BackendConfig {
+                    service: service.clone(),
+                    subset: subset.clone(),
+                    weight: 1,
+                };
+                let shadow = backend(&mat, &target)?;
+                Mirror::compile(&mat, &whole.service, name, m, shadow, timeout).map(Arc::new)
+            })
+            .transpose()?;
         Ok(Self {
             name: name.clone(),
             matches,
@@ -146,6 +167,7 @@ impl Route {
             bulkhead,
             fault,
             retries,
+            mirror,
         })
     }
 
@@ -156,6 +178,21 @@ impl Route {
     /// One backend, drawn by weight.
     pub fn pick(&self) -> Option<&Backend> {
         self.backends.pick()
+    }
+
+    /// Takes over the mirror pool of the rule of the same name in `previous` (the
+    /// config this one replaces) when it mirrors to the same shadow, so a push neither
+    /// frees the slots of copies still out nor doubles the pool.
+    pub fn keep_mirror_pool(&mut self, previous: &[Route]) {
+        let before = previous
+            .iter()
+            .find(|r| r.name == self.name)
+            .and_then(|r| r.mirror.as_ref());
+        // Just compiled: nothing else holds the new mirror yet.
+        if let (Some(mirror), Some(before)) = (self.mirror.as_mut().and_then(Arc::get_mut), before)
+        {
+            mirror.keep_pool_of(before);
+        }
     }
 }
 
