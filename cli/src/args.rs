@@ -66,11 +66,52 @@ pub enum Command {
     Get(GetArgs),
     /// Delete a resource.
     Delete(DeleteArgs),
+    /// Requests, success rate and p99 per service, route and backend, as the sidecars
+    /// reported them over a recent window.
+    Stat(StatArgs),
     /// Join tokens for sidecars.
     #[command(subcommand)]
     Token(TokenCommand),
     /// Check that the control plane, its CA and every proxy are healthy.
     Check,
+    /// Steer a canary: pause or resume its progress, promote or abort it now.
+    Canary(CanaryArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CanaryArgs {
+    #[arg(value_enum)]
+    pub action: CanaryAction,
+
+    /// The Canary resource's name.
+    pub name: String,
+
+    /// The namespace.
+    #[arg(short, long, value_name = "NS", default_value = "default")]
+    pub namespace: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CanaryAction {
+    /// Hold the canary at its weight until resumed.
+    Pause,
+    /// Go on from where it was paused; the step's interval starts again.
+    Resume,
+    /// Send all traffic to the canary now.
+    Promote,
+    /// Send all traffic back to the stable subset now.
+    Abort,
+}
+
+impl CanaryAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::Promote => "promote",
+            Self::Abort => "abort",
+        }
+    }
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -89,11 +130,12 @@ pub struct ApplyArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct GetArgs {
     /// meshconfig (mc), destinationpolicy (dp), trafficroute (tr), authorizationpolicy
-    /// (authz), canary (can), endpoints (ep) or proxies (px); plurals work too.
+    /// (authz), canary (can), endpoints (ep), proxies (px) or shadow (route mirrors'
+    /// comparisons); plurals work too.
     #[arg(value_parser = Target::parse)]
     pub kind: Target,
 
-    /// One resource by name; for endpoints and proxies, only this service's.
+    /// One resource by name; for endpoints, proxies and shadows, only this service's.
     pub name: Option<String>,
 
     /// The namespace [default: default].
@@ -122,6 +164,28 @@ pub struct DeleteArgs {
     pub namespace: String,
 }
 
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatArgs {
+    /// Only this service (the one called).
+    pub service: Option<String>,
+
+    /// The namespace of the services called [default: default].
+    #[arg(short, long, value_name = "NS", conflicts_with = "all_namespaces")]
+    pub namespace: Option<String>,
+
+    /// Every namespace.
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+
+    /// How far back to look, e.g. 30s, 5m, 1h (at most 1h: what the control plane keeps).
+    #[arg(long, default_value = "60s", value_parser = window, value_name = "DURATION")]
+    pub window: String,
+
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = OutputFormat::Table, value_name = "FORMAT")]
+    pub output: OutputFormat,
+}
+
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum TokenCommand {
     /// Mint a join token for a sidecar of one service; prints only the token.
@@ -148,6 +212,11 @@ pub enum OutputFormat {
     Table,
     Json,
     Yaml,
+}
+
+/// Checked here for a clap error naming `--window`; sent as written.
+fn window(value: &str) -> Result<String, String> {
+    duration(value).map(|_| value.to_string())
 }
 
 fn duration(value: &str) -> Result<Duration, String> {

@@ -6,7 +6,7 @@ use serde_json::{Map, Value, json};
 
 use crate::{
     api::{Api, encode},
-    args::{DeleteArgs, GetArgs, OutputFormat, TokenCreateArgs},
+    args::{CanaryArgs, DeleteArgs, GetArgs, OutputFormat, StatArgs, TokenCreateArgs},
     checks::{self, Check},
     connection::Endpoint,
     error::CliError,
@@ -64,6 +64,7 @@ pub async fn get(api: &Api, args: GetArgs) -> Result<Outcome, CliError> {
     let namespace = (!all_namespaces).then(|| namespace.unwrap_or_else(|| "default".into()));
     match kind {
         Target::Resource(kind) => get_resources(api, kind, name, namespace, output).await,
+        Target::Shadows => get_shadows(api, name, namespace, output).await,
         Target::Endpoints | Target::Proxies => {
             let path = if kind == Target::Endpoints {
                 "/v1/endpoints"
@@ -137,6 +138,12 @@ async fn get_resources(
     };
     let stdout = match output {
         OutputFormat::Table if resources.is_empty() => String::new(),
+        // One canary: its history too, which is what an operator asks `why` with.
+        OutputFormat::Table if kind == Kind::Canary && name.is_some() => {
+            let mut out = views::resource_table(kind, &resources).render();
+            out.push_str(&views::canary_history(&answer));
+            out
+        }
         OutputFormat::Table => views::resource_table(kind, &resources).render(),
         OutputFormat::Json => json_text(&answer),
         // One YAML document per resource, so the output can be applied again.
@@ -179,6 +186,95 @@ fn with_empty_note(
     outcome
 }
 
+/// `get shadow [SERVICE]`: each route mirror's totals, then its latest mismatches.
+async fn get_shadows(
+    api: &Api,
+    service: Option<String>,
+    namespace: Option<String>,
+    output: OutputFormat,
+) -> Result<Outcome, CliError> {
+    let path = format!("/v1/shadows{}", stats_query(&namespace, &service, None));
+    let answer = api.get(&path).await?;
+    let listed = items(api, &format!("GET {path}"), &answer, "items")?;
+    let stdout = match output {
+        OutputFormat::Table if listed.is_empty() => String::new(),
+        OutputFormat::Table => {
+            let mut out = views::shadow_table(listed, namespace.is_none()).render();
+            let mismatches = views::mismatch_table(listed);
+            if !mismatches.is_empty() {
+                out.push_str("\nRecent mismatches:\n");
+                out.push_str(&mismatches.render());
+            }
+            out
+        }
+        OutputFormat::Json => json_text(&answer),
+        OutputFormat::Yaml => yaml_text(api, &answer)?,
+    };
+    Ok(with_empty_note(
+        stdout,
+        output,
+        listed.is_empty(),
+        Target::Shadows,
+        namespace.as_deref(),
+    ))
+}
+
+/// `stat [SERVICE]`: what the sidecars reported over `--window`, per service, route
+/// and backend.
+pub async fn stat(api: &Api, args: StatArgs) -> Result<Outcome, CliError> {
+    let StatArgs {
+        service,
+        namespace,
+        all_namespaces,
+        window,
+        output,
+    } = args;
+    let namespace = (!all_namespaces).then(|| namespace.unwrap_or_else(|| "default".into()));
+    let path = format!(
+        "/v1/stats{}",
+        stats_query(&namespace, &service, Some(&window))
+    );
+    let answer = api.get(&path).await?;
+    let listed = items(api, &format!("GET {path}"), &answer, "items")?;
+    let stdout = match output {
+        OutputFormat::Table if listed.is_empty() => String::new(),
+        OutputFormat::Table => views::stat_table(listed, namespace.is_none()).render(),
+        OutputFormat::Json => json_text(&answer),
+        OutputFormat::Yaml => yaml_text(api, &answer)?,
+    };
+    let mut outcome = Outcome::stdout(stdout);
+    if listed.is_empty() && output == OutputFormat::Table {
+        let what = service.map_or_else(|| "any service".into(), |s| format!("service {s}"));
+        let place = namespace.map_or_else(String::new, |ns| format!(" in namespace {ns}"));
+        outcome.stderr = format!(
+            "No requests to {what}{place} were reported in the last {window} (sidecars \
+             report every --report-interval, 10s by default).\n"
+        );
+    }
+    Ok(outcome)
+}
+
+/// `?namespace=&service=&window=` with what is given.
+fn stats_query(
+    namespace: &Option<String>,
+    service: &Option<String>,
+    window: Option<&str>,
+) -> String {
+    let params: Vec<String> = [
+        ("namespace", namespace.as_deref()),
+        ("service", service.as_deref()),
+        ("window", window),
+    ]
+    .into_iter()
+    .filter_map(|(key, value)| value.map(|v| format!("{key}={}", encode(v))))
+    .collect();
+    if params.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", params.join("&"))
+    }
+}
+
 pub async fn delete(api: &Api, args: DeleteArgs) -> Result<Outcome, CliError> {
     let DeleteArgs {
         kind,
@@ -198,6 +294,28 @@ pub async fn delete(api: &Api, args: DeleteArgs) -> Result<Outcome, CliError> {
     Ok(Outcome::stdout(format!(
         "{} {shown} deleted\n",
         kind.lowercase()
+    )))
+}
+
+/// `canary pause|resume|promote|abort NAME`: one line saying where the canary now is.
+pub async fn canary(api: &Api, args: CanaryArgs) -> Result<Outcome, CliError> {
+    let CanaryArgs {
+        action,
+        name,
+        namespace,
+    } = args;
+    let path = format!(
+        "/v1/canaries/{}/{}?namespace={}",
+        encode(&name),
+        action.as_str(),
+        encode(&namespace)
+    );
+    let answer = api.post(&path, "application/json", Bytes::new()).await?;
+    Ok(Outcome::stdout(format!(
+        "canary {namespace}/{name}: {} at {}% ({})\n",
+        views::text(&answer, "/status/phase"),
+        views::text(&answer, "/status/weight"),
+        views::text(&answer, "/status/message"),
     )))
 }
 

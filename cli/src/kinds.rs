@@ -1,6 +1,6 @@
 //! What `get` and `delete` name on the command line: a resource kind under any of the
 //! names `kubectl` users expect (kind, lowercase, plural, short name), or one of the
-//! control plane's live views (endpoints, proxies).
+//! control plane's live views (endpoints, proxies, shadows).
 
 use std::fmt;
 
@@ -20,6 +20,8 @@ pub enum Target {
     Resource(Kind),
     Endpoints,
     Proxies,
+    /// Route mirrors' comparison totals, from the sidecars' reports.
+    Shadows,
 }
 
 // === impl Kind ===
@@ -83,7 +85,7 @@ impl Kind {
     pub fn parse(input: &str) -> Result<Kind, String> {
         match Target::parse(input)? {
             Target::Resource(kind) => Ok(kind),
-            Target::Endpoints | Target::Proxies => Err(format!(
+            Target::Endpoints | Target::Proxies | Target::Shadows => Err(format!(
                 "{input} cannot be deleted: they come and go with the sidecars that run; \
                  delete one of {}",
                 Kind::ALL.map(Kind::lowercase).join(", ")
@@ -119,11 +121,16 @@ impl Target {
         match input.to_ascii_lowercase().as_str() {
             "endpoints" | "endpoint" | "ep" => Ok(Target::Endpoints),
             "proxies" | "proxy" | "px" => Ok(Target::Proxies),
+            "shadows" | "shadow" => Ok(Target::Shadows),
             _ => {
                 let kinds: Vec<String> = Kind::ALL
                     .iter()
                     .map(|kind| format!("{} ({})", kind.lowercase(), kind.short()))
-                    .chain(["endpoints (ep)".into(), "proxies (px)".into()])
+                    .chain([
+                        "endpoints (ep)".into(),
+                        "proxies (px)".into(),
+                        "shadows".into(),
+                    ])
                     .collect();
                 Err(format!(
                     "unknown kind {input:?}: use one of {}",
@@ -139,6 +146,7 @@ impl Target {
             Target::Resource(kind) => kind.plural(),
             Target::Endpoints => "endpoints",
             Target::Proxies => "proxies",
+            Target::Shadows => "shadows",
         }
     }
 }
@@ -196,7 +204,12 @@ mod tests {
         for alias in ["proxies", "proxy", "px"] {
             assert_eq!(Target::parse(alias), Ok(Target::Proxies));
         }
+        for alias in ["shadows", "shadow", "Shadow"] {
+            assert_eq!(Target::parse(alias), Ok(Target::Shadows));
+        }
         let refused = Kind::parse("proxies").unwrap_err();
+        assert!(refused.contains("cannot be deleted"), "{refused}");
+        let refused = Kind::parse("shadow").unwrap_err();
         assert!(refused.contains("cannot be deleted"), "{refused}");
     }
 

@@ -87,9 +87,17 @@ pub fn run(cli: Cli, origins: GivenOrigins, stdin: &mut dyn Read) -> Result<Outc
             let api = Api::new(endpoint(connection, origins)?);
             runtime.block_on(commands::delete(&api, args))
         }
+        Command::Stat(args) => {
+            let api = Api::new(endpoint(connection, origins)?);
+            runtime.block_on(commands::stat(&api, args))
+        }
         Command::Token(TokenCommand::Create(args)) => {
             let api = Api::new(endpoint(connection, origins)?);
             runtime.block_on(commands::token_create(&api, args, now))
+        }
+        Command::Canary(args) => {
+            let api = Api::new(endpoint(connection, origins)?);
+            runtime.block_on(commands::canary(&api, args))
         }
         Command::Check => {
             let endpoint = endpoint(connection, origins);

@@ -26,7 +26,16 @@ pub fn resource_table(kind: Kind, items: &[Value]) -> Table {
         Kind::TrafficRoute | Kind::AuthorizationPolicy => {
             Table::new(vec!["NAMESPACE", "NAME", "SERVICE", "RULES"])
         }
-        Kind::Canary => Table::new(vec!["NAMESPACE", "NAME", "SERVICE", "PHASE", "WEIGHT"]),
+        Kind::Canary => Table::new(vec![
+            "NAMESPACE",
+            "NAME",
+            "SERVICE",
+            "PHASE",
+            "WEIGHT",
+            "CANARY",
+            "STABLE",
+            "MESSAGE",
+        ]),
     };
     for item in items {
         let namespace = text(item, "/metadata/namespace");
@@ -65,18 +74,56 @@ pub fn resource_table(kind: Kind, items: &[Value]) -> Table {
                     Some(weight) => format!("{weight}%"),
                     None => "-".into(),
                 };
+                let analysis = |subset: &str| {
+                    item.pointer(&format!("/status/lastAnalysis/{subset}"))
+                        .map_or_else(|| "-".into(), subset_numbers)
+                };
                 vec![
                     namespace,
                     name,
                     service,
                     text(item, "/status/phase"),
                     weight,
+                    analysis("canary"),
+                    analysis("stable"),
+                    text(item, "/status/message"),
                 ]
             }
         };
         table.push(row);
     }
     table
+}
+
+/// One subset's numbers from a canary analysis: `99.5% p99=12ms n=340`.
+fn subset_numbers(stats: &Value) -> String {
+    let requests = stats.get("requests").and_then(Value::as_u64).unwrap_or(0);
+    let rate = stats
+        .get("successRate")
+        .and_then(Value::as_f64)
+        .map_or_else(|| "-".into(), |r| format!("{r:.1}%"));
+    let p99 = stats
+        .get("p99Ms")
+        .and_then(Value::as_f64)
+        .map_or_else(|| "-".into(), |p| format!("{p:.0}ms"));
+    format!("{rate} p99={p99} n={requests}")
+}
+
+/// What `get canary NAME` adds under its table: the canary's history, oldest first.
+pub fn canary_history(item: &Value) -> String {
+    let mut table = Table::new(vec!["TIME", "PHASE", "WEIGHT", "EVENT"]);
+    for event in list(item, "/status/history") {
+        table.push(vec![
+            text(event, "/at"),
+            text(event, "/phase"),
+            format!("{}%", text(event, "/weight")),
+            text(event, "/message"),
+        ]);
+    }
+    if table.is_empty() {
+        return String::new();
+    }
+    format!("\nHistory:\n{}", table.render())
 }
 
 /// The registry: every instance a sidecar announced, and whether it is healthy.
@@ -168,6 +215,118 @@ pub fn proxy_table(items: &[Value]) -> Table {
         ]);
     }
     table
+}
+
+/// Each route mirror's totals since the control plane started (`GET /v1/shadows`);
+/// `NAMESPACE` first when more than one namespace is listed.
+pub fn shadow_table(items: &[Value], with_namespace: bool) -> Table {
+    let mut headers = vec![
+        "SERVICE",
+        "ROUTE",
+        "SHADOW",
+        "MIRRORED",
+        "MATCH",
+        "STATUS≠",
+        "BODY≠",
+        "ERRORS",
+        "DROPPED",
+        "TOO-LARGE",
+    ];
+    if with_namespace {
+        headers.insert(0, "NAMESPACE");
+    }
+    let mut table = Table::new(headers);
+    for item in items {
+        let mut row: Vec<String> = [
+            "/service",
+            "/route",
+            "/shadow",
+            "/mirrored",
+            "/matched",
+            "/statusMismatches",
+            "/bodyMismatches",
+            "/shadowErrors",
+            "/dropped",
+            "/tooLarge",
+        ]
+        .iter()
+        .map(|pointer| text(item, pointer))
+        .collect();
+        if with_namespace {
+            row.insert(0, text(item, "/namespace"));
+        }
+        table.push(row);
+    }
+    table
+}
+
+/// The mirrors' latest mismatches, oldest first: when, which request, both statuses
+/// and the start of both body digests.
+pub fn mismatch_table(items: &[Value]) -> Table {
+    let mut mismatches: Vec<(&Value, &Value)> = items
+        .iter()
+        .flat_map(|item| list(item, "/recent").iter().map(move |m| (item, m)))
+        .collect();
+    mismatches.sort_by_key(|(_, m)| m.get("unixMs").and_then(Value::as_i64).unwrap_or(0));
+    let mut table = Table::new(vec![
+        "TIME", "SERVICE", "ROUTE", "REQUEST", "STATUS", "DIGEST",
+    ]);
+    for (item, mismatch) in mismatches {
+        let time = mismatch
+            .get("unixMs")
+            .and_then(Value::as_i64)
+            .map_or_else(|| "-".into(), |ms| crate::checks::format_unix(ms / 1000));
+        let digest = |pointer: &str| text(mismatch, pointer).chars().take(8).collect::<String>();
+        table.push(vec![
+            time,
+            text(item, "/service"),
+            text(item, "/route"),
+            format!("{} {}", text(mismatch, "/method"), text(mismatch, "/path")),
+            format!(
+                "{}→{}",
+                text(mismatch, "/primaryStatus"),
+                text(mismatch, "/shadowStatus")
+            ),
+            format!("{}→{}", digest("/primaryDigest"), digest("/shadowDigest")),
+        ]);
+    }
+    table
+}
+
+/// `GET /v1/stats` as `trellisctl stat` prints it.
+pub fn stat_table(items: &[Value], with_namespace: bool) -> Table {
+    let mut headers = vec!["SERVICE", "ROUTE", "BACKEND", "RPS", "SUCCESS", "P99"];
+    if with_namespace {
+        headers.insert(0, "NAMESPACE");
+    }
+    let mut table = Table::new(headers);
+    for item in items {
+        let number = |pointer: &str| item.pointer(pointer).and_then(Value::as_f64);
+        let mut row = vec![
+            text(item, "/service"),
+            text(item, "/route"),
+            text(item, "/backend"),
+            number("/rps").map_or_else(|| "-".into(), |rps| format!("{rps:.1}")),
+            number("/successRate").map_or_else(|| "-".into(), |rate| format!("{rate:.2}%")),
+            number("/p99Ms").map_or_else(|| "-".into(), latency),
+        ];
+        if with_namespace {
+            row.insert(0, text(item, "/namespace"));
+        }
+        table.push(row);
+    }
+    table
+}
+
+/// Milliseconds with the digits that matter: `0.42ms`, `12ms`, `1.50s`.
+fn latency(ms: f64) -> String {
+    if ms >= 1000.0 {
+        format!("{:.2}s", ms / 1000.0)
+    } else if ms >= 10.0 {
+        format!("{ms:.0}ms")
+    } else {
+        format!("{ms:.2}ms")
+    }
 }
 
 fn sorted_by_instance(items: &[Value]) -> Vec<&Value> {
@@ -263,15 +422,26 @@ mod tests {
         let rolling = json!({
             "metadata": {"name": "recs", "namespace": "shop"},
             "spec": {"service": "recommendations"},
-            "status": {"phase": "Progressing", "weight": 25}
+            "status": {"phase": "Progressing", "weight": 25, "message": "now at 25%",
+                       "lastAnalysis": {
+                           "canary": {"requests": 61, "successRate": 100.0, "p99Ms": 4.2},
+                           "stable": {"requests": 540, "successRate": 99.5}}}
         });
         let fresh = json!({"metadata": {"name": "search", "namespace": "shop"},
                            "spec": {"service": "search"}});
         assert_eq!(
-            resource_table(Kind::Canary, &[rolling, fresh]).render(),
-            "NAMESPACE   NAME     SERVICE           PHASE         WEIGHT\n\
-             shop        recs     recommendations   Progressing   25%\n\
-             shop        search   search            -             -\n"
+            resource_table(Kind::Canary, &[rolling.clone(), fresh]).render(),
+            "NAMESPACE   NAME     SERVICE           PHASE         WEIGHT   CANARY                STABLE              MESSAGE\n\
+             shop        recs     recommendations   Progressing   25%      100.0% p99=4ms n=61   99.5% p99=- n=540   now at 25%\n\
+             shop        search   search            -             -        -                     -                   -\n"
+        );
+        assert_eq!(canary_history(&rolling), "");
+        let history = json!({"status": {"history": [
+            {"at": "2026-12-02T10:00:00Z", "phase": "Progressing", "weight": 10, "message": "started"}]}});
+        assert_eq!(
+            canary_history(&history),
+            "\nHistory:\nTIME                   PHASE         WEIGHT   EVENT\n\
+             2026-12-02T10:00:00Z   Progressing   10%      started\n"
         );
 
         let mesh = json!({"metadata": {"name": "default"},
@@ -337,6 +507,76 @@ mod tests {
             ),
             "{rendered}"
         );
+    }
+
+    #[test]
+    fn shadow_tables_show_totals_then_the_mismatches_oldest_first() {
+        let mirrors = [json!({
+            "namespace": "shop", "service": "payment", "route": "pay", "shadow": "v2",
+            "mirrored": 120, "matched": 95, "statusMismatches": 3, "bodyMismatches": 20,
+            "shadowErrors": 2, "dropped": 1, "tooLarge": 0,
+            "recent": [
+                {"unixMs": 1_700_000_060_000i64, "method": "POST", "path": "/pay",
+                 "primaryStatus": 200, "shadowStatus": 200,
+                 "primaryDigest": "3f2a9c1e55aa", "shadowDigest": "7b4d0e2266bb"},
+                {"unixMs": 1_700_000_000_000i64, "method": "GET", "path": "/pay/7",
+                 "primaryStatus": 200, "shadowStatus": 500,
+                 "primaryDigest": "0011223344", "shadowDigest": "5566778899"}
+            ]
+        })];
+        assert_eq!(
+            shadow_table(&mirrors, false).render(),
+            "SERVICE   ROUTE   SHADOW   MIRRORED   MATCH   STATUS≠   BODY≠   ERRORS   DROPPED   TOO-LARGE\n\
+             payment   pay     v2       120        95      3         20      2        1         0\n"
+        );
+        assert!(
+            shadow_table(&mirrors, true)
+                .render()
+                .starts_with("NAMESPACE   SERVICE")
+        );
+        let rendered = mismatch_table(&mirrors).render();
+        let lines: Vec<&str> = rendered.lines().collect();
+        assert_eq!(lines.len(), 3, "{rendered}");
+        assert!(
+            lines[1].starts_with("2023-11-14T22:13:20Z   payment   pay     GET /pay/7"),
+            "{rendered}"
+        );
+        assert!(
+            lines[1].ends_with("200→500   00112233→55667788"),
+            "{rendered}"
+        );
+        assert!(
+            lines[2].ends_with("200→200   3f2a9c1e→7b4d0e22"),
+            "{rendered}"
+        );
+    }
+
+    #[test]
+    fn the_stat_table_shows_rates_and_latency_readably() {
+        let rows = [
+            json!({"namespace": "default", "service": "web", "route": "split", "backend": "v1",
+                   "requests": 540, "successes": 540, "successRate": 100.0, "rps": 9.0,
+                   "p99Ms": 4.2}),
+            json!({"namespace": "default", "service": "web", "route": "split", "backend": "v2",
+                   "requests": 0, "successes": 0, "successRate": null, "rps": 0.0,
+                   "p99Ms": null}),
+            json!({"namespace": "default", "service": "pay", "route": "default",
+                   "backend": "pay", "requests": 7, "successes": 6,
+                   "successRate": 85.714_285, "rps": 0.116, "p99Ms": 2300.0}),
+        ];
+        assert_eq!(
+            stat_table(&rows, false).render(),
+            "SERVICE   ROUTE     BACKEND   RPS   SUCCESS   P99\n\
+             web       split     v1        9.0   100.00%   4.20ms\n\
+             web       split     v2        0.0   -         -\n\
+             pay       default   pay       0.1   85.71%    2.30s\n"
+        );
+        assert!(
+            stat_table(&rows, true)
+                .render()
+                .starts_with("NAMESPACE   SERVICE")
+        );
+        assert_eq!(latency(12.4), "12ms");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use std::{
     convert::Infallible,
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use bytes::Bytes;
@@ -21,9 +21,11 @@ use trellis_ca::Authority;
 use trellis_crds::{Document, parse_documents};
 
 use crate::{
+    canary::{Action, ActionError, CanaryController},
     compiler::Compiler,
     join_token::JoinTokens,
     registry::{ConfigState, Registry},
+    reports::{self, Reports, StatsFilter},
     store::{Change, ResourceKey, Store, StoreError},
 };
 
@@ -37,6 +39,7 @@ const KINDS: [&str; 5] = [
     "Canary",
 ];
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+const DEFAULT_STATS_WINDOW: &str = "60s";
 
 pub struct OperatorApi {
     pub token: String,
@@ -45,6 +48,8 @@ pub struct OperatorApi {
     pub compiler: Arc<Compiler>,
     pub tokens: Arc<JoinTokens>,
     pub authority: Arc<Authority>,
+    pub canaries: Arc<CanaryController>,
+    pub reports: Arc<Reports>,
 }
 
 impl std::fmt::Debug for OperatorApi {
@@ -102,6 +107,26 @@ fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
         .filter_map(|pair| pair.split_once('='))
         .find(|(k, _)| *k == name)
         .map(|(_, v)| v)
+}
+
+/// A resource as the API shows it: its stored spec and, where the control plane keeps
+/// one, its status.
+fn with_status(document: &Document, status: Option<&[u8]>) -> Result<serde_json::Value, Refusal> {
+    let internal = |e: serde_json::Error| error(StatusCode::INTERNAL_SERVER_ERROR, e);
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&document.to_json().map_err(internal)?).map_err(internal)?;
+    if let (Some(status), Some(object)) = (status, value.as_object_mut()) {
+        object.insert(
+            "status".into(),
+            serde_json::from_slice(status).map_err(internal)?,
+        );
+    }
+    Ok(value)
+}
+
+/// A query parameter that is there and not empty.
+fn non_empty_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query_param(query, name).filter(|v| !v.is_empty())
 }
 
 /// Compares without an early exit, so response time says nothing about the token.
@@ -222,6 +247,11 @@ impl OperatorApi {
                 &json!({ "items": self.registry.proxies() }),
             )),
             (&Method::POST, ["v1", "tokens"]) => self.token(req).await,
+            (&Method::GET, ["v1", "stats"]) => self.stats(query.as_deref()),
+            (&Method::GET, ["v1", "shadows"]) => Ok(self.shadows(query.as_deref())),
+            (&Method::POST, ["v1", "canaries", name, action]) => {
+                self.canary_action(name, action, query.as_deref()).await
+            }
             (&Method::GET, ["v1", "status"]) => self.status().await,
             _ => Err(error(
                 StatusCode::NOT_FOUND,
@@ -320,13 +350,19 @@ impl OperatorApi {
         let kind = kind_of(kind)?;
         let namespace = query_param(query, "namespace").map(str::to_string);
         let store = self.store.clone();
-        let documents = blocking(move || store.list(Some(kind))).await?;
+        let (documents, statuses) =
+            blocking(move || Ok((store.list(Some(kind))?, store.statuses(kind)?))).await?;
         let items = documents
             .iter()
             .filter(|d| namespace.is_none() || d.namespace() == namespace.as_deref())
-            .map(|d| serde_json::from_slice::<serde_json::Value>(&d.to_json().unwrap_or_default()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+            .map(|d| {
+                let key = (
+                    d.namespace().unwrap_or_default().to_string(),
+                    d.name().to_string(),
+                );
+                with_status(d, statuses.get(&key).map(Vec::as_slice))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(answer(StatusCode::OK, &json!({ "items": items })))
     }
 
@@ -334,14 +370,49 @@ impl OperatorApi {
         let key = Self::key(kind_of(kind)?, name, query);
         let store = self.store.clone();
         let lookup = key.clone();
-        match blocking(move || store.get(&lookup)).await? {
-            Some(document) => {
-                let value: serde_json::Value =
-                    serde_json::from_slice(&document.to_json().unwrap_or_default())
-                        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        let found = blocking(move || Ok((store.get(&lookup)?, store.status(&lookup)?))).await?;
+        match found {
+            (Some(document), status) => {
+                let value = with_status(&document, status.as_deref())?;
                 Ok(answer(StatusCode::OK, &value))
             }
-            None => Err(error(StatusCode::NOT_FOUND, format!("{key} not found"))),
+            (None, _) => Err(error(StatusCode::NOT_FOUND, format!("{key} not found"))),
+        }
+    }
+
+    /// `POST /v1/canaries/NAME/ACTION?namespace=NS`: pause, resume, promote or abort.
+    async fn canary_action(
+        &self,
+        name: &str,
+        action: &str,
+        query: Option<&str>,
+    ) -> Result<Answer, Refusal> {
+        let Some(parsed) = Action::parse(action) else {
+            return Err(error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "unknown canary action {action:?}; actions are pause, resume, promote, abort"
+                ),
+            ));
+        };
+        let key = Self::key("Canary", name, query);
+        let canaries = self.canaries.clone();
+        let target = key.clone();
+        let acted = tokio::task::spawn_blocking(move || canaries.act(&target, parsed))
+            .await
+            .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        match acted {
+            Ok(status) => {
+                tracing::info!(canary = %key, action, "canary action");
+                Ok(answer(StatusCode::OK, &json!({ "status": status })))
+            }
+            Err(ActionError::NotFound(_)) => {
+                Err(error(StatusCode::NOT_FOUND, format!("{key} not found")))
+            }
+            Err(ActionError::Refused(why)) => {
+                Err(error(StatusCode::CONFLICT, format!("{key}: {why}")))
+            }
+            Err(ActionError::Store(e)) => Err(store_failure(e)),
         }
     }
 
@@ -400,6 +471,102 @@ impl OperatorApi {
                 "expiresUnix": expires.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs(),
             }),
         ))
+    }
+
+    /// `GET /v1/stats?namespace=&service=&caller=&window=60s`: per (service, route,
+    /// backend), what the sidecars reported over the window.
+    fn stats(&self, query: Option<&str>) -> Result<Answer, Refusal> {
+        let text = query_param(query, "window").unwrap_or(DEFAULT_STATS_WINDOW);
+        let window = trellis_api::duration::parse(text)
+            .map_err(|e| e.to_string())
+            .and_then(|window| {
+                if window.is_zero() || window > reports::RETENTION {
+                    Err(format!(
+                        "must be longer than zero and at most {}s (statistics are kept that long)",
+                        reports::RETENTION.as_secs()
+                    ))
+                } else {
+                    Ok(window)
+                }
+            })
+            .map_err(|e| error(StatusCode::BAD_REQUEST, format!("window {text:?}: {e}")))?;
+        let filter = StatsFilter {
+            namespace: non_empty_param(query, "namespace"),
+            service: non_empty_param(query, "service"),
+            caller: non_empty_param(query, "caller"),
+        };
+        // No instant as old as the window (a machine up for less): everything kept is
+        // within it.
+        let since = Instant::now().checked_sub(window);
+        let seconds = window.as_secs_f64();
+        let items: Vec<_> = self
+            .reports
+            .route_stats(filter, since)
+            .into_iter()
+            .map(|row| {
+                let stats = row.stats;
+                json!({
+                    "namespace": row.namespace,
+                    "service": row.service,
+                    "route": row.route,
+                    "backend": row.backend,
+                    "requests": stats.requests,
+                    "successes": stats.successes,
+                    "successRate": stats.success_rate(),
+                    "rps": stats.requests as f64 / seconds,
+                    "p99Ms": stats.p99.map(|p| p.as_secs_f64() * 1e3),
+                })
+            })
+            .collect();
+        Ok(answer(
+            StatusCode::OK,
+            &json!({ "windowSeconds": seconds, "items": items }),
+        ))
+    }
+
+    /// `GET /v1/shadows?namespace=&service=`: each route mirror's totals since the
+    /// control plane started and its latest mismatches.
+    fn shadows(&self, query: Option<&str>) -> Answer {
+        let rows = self.reports.shadows(
+            non_empty_param(query, "namespace"),
+            non_empty_param(query, "service"),
+        );
+        let items: Vec<_> = rows
+            .into_iter()
+            .map(|row| {
+                let t = row.totals;
+                let recent: Vec<_> = row
+                    .recent
+                    .iter()
+                    .map(|m| {
+                        json!({
+                            "unixMs": m.unix_ms,
+                            "method": m.method,
+                            "path": m.path,
+                            "primaryStatus": m.primary_status,
+                            "shadowStatus": m.shadow_status,
+                            "primaryDigest": m.primary_digest,
+                            "shadowDigest": m.shadow_digest,
+                        })
+                    })
+                    .collect();
+                json!({
+                    "namespace": row.namespace,
+                    "service": row.service,
+                    "route": row.route,
+                    "shadow": row.shadow,
+                    "mirrored": t.mirrored,
+                    "matched": t.matched,
+                    "statusMismatches": t.status_mismatches,
+                    "bodyMismatches": t.body_mismatches,
+                    "shadowErrors": t.shadow_errors,
+                    "dropped": t.dropped,
+                    "tooLarge": t.too_large,
+                    "recent": recent,
+                })
+            })
+            .collect();
+        answer(StatusCode::OK, &json!({ "items": items }))
     }
 
     async fn status(&self) -> Result<Answer, Refusal> {

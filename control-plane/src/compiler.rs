@@ -22,8 +22,8 @@ use trellis_api::config::{
     ServiceConfig, SourceConfig,
 };
 use trellis_crds::{
-    AuthorizationPolicy, DefaultAuthorization, DestinationPolicy, DestinationPolicySpec, Document,
-    MeshConfigSpec, Mtls, RouteRule, TrafficRoute,
+    AuthorizationPolicy, Canary, CanarySpec, CanaryStatus, DefaultAuthorization, DestinationPolicy,
+    DestinationPolicySpec, Document, MeshConfigSpec, Mtls, RouteRule, TrafficRoute,
 };
 
 use crate::{
@@ -49,6 +49,9 @@ pub struct Resources {
     pub policies: Vec<DestinationPolicy>,
     pub routes: Vec<TrafficRoute>,
     pub authorization: Vec<AuthorizationPolicy>,
+    pub canaries: Vec<Canary>,
+    /// The controller's status of each Canary, by (namespace, name).
+    pub canary_status: BTreeMap<(String, String), CanaryStatus>,
 }
 
 impl Resources {
@@ -63,8 +66,8 @@ impl Resources {
                 Document::DestinationPolicy(p) => resources.policies.push(p),
                 Document::TrafficRoute(r) => resources.routes.push(r),
                 Document::AuthorizationPolicy(a) => resources.authorization.push(a),
-                // The canary controller turns a Canary into route weights.
-                Document::Canary(_) => {}
+                // Its weights come from its status: see `split_for_canary`.
+                Document::Canary(c) => resources.canaries.push(c),
             }
         }
         resources
@@ -158,6 +161,18 @@ impl Catalog {
                 service.routes.push(route(index, rule));
             }
         }
+        for canary in &resources.canaries {
+            let namespace = namespace_of(&canary.metadata).to_string();
+            let name = canary.metadata.name.clone().unwrap_or_default();
+            // Before the controller's first word the canary gets nothing.
+            let weight = resources
+                .canary_status
+                .get(&(namespace.clone(), name))
+                .map_or(0, |s| s.weight);
+            if let Some(service) = services.get_mut(&(namespace, canary.spec.service.clone())) {
+                split_for_canary(service, &canary.spec, weight);
+            }
+        }
         let mtls = match resources.mesh.as_ref().map(|m| m.mtls) {
             Some(Mtls::Permissive) => MtlsMode::Permissive,
             Some(Mtls::Strict) | None => MtlsMode::Strict,
@@ -197,6 +212,45 @@ impl Catalog {
             inbound,
         }
     }
+}
+
+/// The name of the rule a Canary adds for requests no other rule matches.
+pub const CANARY_ROUTE: &str = "canary";
+
+/// While a Canary exists its weight decides between the stable and the canary subset:
+/// every rule that sends to the stable subset (and otherwise only to the canary) is
+/// split, and a last rule splits the requests no rule matches. Rules that send
+/// elsewhere, like a header match that sends testers to the canary, stay as written.
+fn split_for_canary(service: &mut ServiceConfig, spec: &CanarySpec, weight: u32) {
+    let weight = weight.min(100);
+    let subset = |name: &str, weight| BackendConfig {
+        service: None,
+        subset: Some(name.to_string()),
+        weight,
+    };
+    let split = || {
+        vec![
+            subset(&spec.stable_subset, 100 - weight),
+            subset(&spec.canary_subset, weight),
+        ]
+    };
+    let is =
+        |b: &BackendConfig, name: &str| b.service.is_none() && b.subset.as_deref() == Some(name);
+    for route in &mut service.routes {
+        let stable_or_canary = route
+            .backends
+            .iter()
+            .all(|b| is(b, &spec.stable_subset) || is(b, &spec.canary_subset));
+        let to_stable = route.backends.iter().any(|b| is(b, &spec.stable_subset));
+        if stable_or_canary && to_stable {
+            route.backends = split();
+        }
+    }
+    service.routes.push(RouteConfig {
+        name: CANARY_ROUTE.to_string(),
+        backends: split(),
+        ..RouteConfig::default()
+    });
 }
 
 /// The DestinationPolicy parts the callers' sidecars run (rateLimit runs in the
@@ -491,7 +545,19 @@ impl Compiler {
         let start = Instant::now();
         // Read before the resources: what is compiled is at least this revision.
         let revision = self.store.revision()?;
-        let resources = Resources::from_documents(self.store.list(None)?);
+        let mut resources = Resources::from_documents(self.store.list(None)?);
+        for ((namespace, name), bytes) in self.store.statuses("Canary")? {
+            match serde_json::from_slice(&bytes) {
+                Ok(status) => {
+                    resources.canary_status.insert((namespace, name), status);
+                }
+                // The controller writes it anew on its next step; until then the
+                // canary gets nothing, which is the safe side.
+                Err(error) => {
+                    tracing::warn!(%error, namespace, name, "unreadable canary status")
+                }
+            }
+        }
         // Without a MeshConfig (or after its deletion) the default applies again.
         let ttl = resources.cert_ttl().unwrap_or(DEFAULT_CERT_TTL);
         self.cert_ttl
@@ -624,6 +690,66 @@ spec:
   - from: [{identity: "spiffe://td/ns/default/sa/gateway"}]
     to: [{methods: [GET], paths: ["/shop/*"]}]
 "#;
+
+    #[test]
+    fn a_canary_weight_splits_its_subsets_and_leaves_other_rules_alone() {
+        let canary = r#"
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Canary
+metadata: {name: api}
+spec:
+  service: api
+  stableSubset: v1
+  canarySubset: v2
+  steps: [10, 50]
+  interval: 1m
+  analysis: {minSuccessRate: 99, maxP99Latency: 1s}
+"#;
+        let endpoints = vec![endpoint("api", "default", 1, "v1")];
+        let weights = |resources: &Resources| {
+            let config = compile(&web(), resources, &endpoints);
+            config.services["api"]
+                .routes
+                .iter()
+                .map(|r| {
+                    let backends = r
+                        .backends
+                        .iter()
+                        .map(|b| (b.subset.clone().unwrap_or_default(), b.weight));
+                    (r.name.clone(), backends.collect::<Vec<_>>())
+                })
+                .collect::<Vec<_>>()
+        };
+        let split = |w: u32| vec![("v1".to_string(), 100 - w), ("v2".to_string(), w)];
+        let testers = ("testers".to_string(), vec![("v2".to_string(), 1)]);
+
+        let mut resources = resources(&format!("{ROUTED}{canary}"));
+        // No status yet: the canary gets nothing, the testers still get v2.
+        assert_eq!(
+            weights(&resources),
+            [
+                testers.clone(),
+                ("1".into(), split(0)),
+                (CANARY_ROUTE.into(), split(0))
+            ]
+        );
+        let status = CanaryStatus {
+            weight: 25,
+            ..CanaryStatus::default()
+        };
+        resources
+            .canary_status
+            .insert(("default".into(), "api".into()), status);
+        assert_eq!(
+            weights(&resources),
+            [
+                testers,
+                ("1".into(), split(25)),
+                (CANARY_ROUTE.into(), split(25))
+            ]
+        );
+    }
 
     #[test]
     fn routes_subsets_endpoints_and_authorization_reach_the_config() {

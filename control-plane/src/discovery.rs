@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use trellis_api::CONFIG_CHUNK_BYTES;
 use trellis_api::discovery::v1::{
-    Ack, ConfigPush, Heartbeat, Hello, Nack, ReportRequest, ReportResponse, SubscribeRequest,
-    discovery_server::Discovery, subscribe_request::Kind,
+    Ack, ConfigPush, Heartbeat, Hello, Nack, ReportRequest, ReportResponse, RouteStats,
+    ShadowStats, SubscribeRequest, discovery_server::Discovery, subscribe_request::Kind,
 };
 use trellis_ca::{SpiffeId, TrustDomain};
 
@@ -26,6 +26,7 @@ use crate::{
     compiler::Compiler,
     grpc_tls::Caller,
     registry::{Group, ProxyId, ProxyInfo, Registry},
+    reports::Reports,
     telemetry,
 };
 
@@ -37,6 +38,8 @@ pub struct DiscoveryService {
     trust_domain: TrustDomain,
     registry: Arc<Registry>,
     compiler: Arc<Compiler>,
+    /// Where the sidecars' traffic reports go.
+    reports: Arc<Reports>,
     /// A proxy whose heartbeats stop for this long leaves the registry.
     heartbeat_timeout: Duration,
     /// Streams pushing a config at once. Each push is encoded into its stream's own
@@ -54,6 +57,7 @@ impl DiscoveryService {
         trust_domain: TrustDomain,
         registry: Arc<Registry>,
         compiler: Arc<Compiler>,
+        reports: Arc<Reports>,
         heartbeat_timeout: Duration,
         shutdown: CancellationToken,
     ) -> Self {
@@ -61,6 +65,7 @@ impl DiscoveryService {
             trust_domain,
             registry,
             compiler,
+            reports,
             heartbeat_timeout,
             pushing: Arc::new(Semaphore::new(CONCURRENT_PUSHES)),
             shutdown,
@@ -201,24 +206,130 @@ impl Discovery for DiscoveryService {
         };
         self.authorize(request.extensions().get::<Caller>(), &service, &namespace)?;
         let report = request.into_inner();
-        for (index, route) in report.routes.iter().enumerate() {
-            if route.successes > route.requests {
-                return Err(Status::invalid_argument(format!(
-                    "routes[{index}]: {} successes out of {} requests",
-                    route.successes, route.requests
-                )));
-            }
-            if route.latency_bounds_seconds.len() != route.latency_bucket_counts.len() {
-                return Err(Status::invalid_argument(format!(
-                    "routes[{index}]: {} latency bounds but {} bucket counts",
-                    route.latency_bounds_seconds.len(),
-                    route.latency_bucket_counts.len()
-                )));
-            }
-        }
+        check_report(&report).map_err(Status::invalid_argument)?;
+        self.reports.add(&namespace, &report, Instant::now());
         metrics::counter!(telemetry::REPORTS).increment(1);
         Ok(Response::new(ReportResponse {}))
     }
+}
+
+/// Limits on one report: far above what a sidecar's config produces in a window, far
+/// below what would let one sidecar crowd the statistics' memory.
+const MAX_REPORT_ENTRIES: usize = 10_000;
+const MAX_REPORT_MISMATCHES: usize = 32;
+const MAX_LATENCY_BOUNDS: usize = 64;
+const MAX_NAME_BYTES: usize = 253;
+
+/// A report whose numbers cannot be true or whose size is out of bounds is refused
+/// whole, with the field path of the first problem.
+fn check_report(report: &ReportRequest) -> Result<(), String> {
+    for (field, len) in [
+        ("routes", report.routes.len()),
+        ("shadows", report.shadows.len()),
+    ] {
+        if len > MAX_REPORT_ENTRIES {
+            return Err(format!(
+                "{field}: {len} entries; at most {MAX_REPORT_ENTRIES} per report"
+            ));
+        }
+    }
+    for (index, route) in report.routes.iter().enumerate() {
+        check_route(route).map_err(|e| format!("routes[{index}].{e}"))?;
+    }
+    for (index, shadow) in report.shadows.iter().enumerate() {
+        check_shadow(shadow).map_err(|e| format!("shadows[{index}].{e}"))?;
+    }
+    Ok(())
+}
+
+/// A name a report files counts under: present and of a sane length.
+fn check_name(field: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() || value.len() > MAX_NAME_BYTES {
+        return Err(format!(
+            "{field}: {:?} must be 1 to {MAX_NAME_BYTES} bytes",
+            value.chars().take(64).collect::<String>()
+        ));
+    }
+    Ok(())
+}
+
+fn check_route(route: &RouteStats) -> Result<(), String> {
+    check_name("destination", &route.destination)?;
+    check_name("route", &route.route)?;
+    check_name("backend", &route.backend)?;
+    if route.successes > route.requests {
+        return Err(format!(
+            "successes: {} successes out of {} requests",
+            route.successes, route.requests
+        ));
+    }
+    let (bounds, counts) = (&route.latency_bounds_seconds, &route.latency_bucket_counts);
+    if bounds.len() != counts.len() {
+        return Err(format!(
+            "latency_bucket_counts: {} latency bounds but {} bucket counts",
+            bounds.len(),
+            counts.len()
+        ));
+    }
+    if bounds.len() > MAX_LATENCY_BOUNDS {
+        return Err(format!(
+            "latency_bounds_seconds: {} bounds; at most {MAX_LATENCY_BOUNDS}",
+            bounds.len()
+        ));
+    }
+    let mut previous: Option<(f64, u64)> = None;
+    for (i, (&bound, &count)) in bounds.iter().zip(counts).enumerate() {
+        if !bound.is_finite() || bound < 0.0 {
+            return Err(format!(
+                "latency_bounds_seconds[{i}]: {bound} is not a finite number of seconds ≥ 0"
+            ));
+        }
+        if let Some((previous_bound, previous_count)) = previous {
+            if bound <= previous_bound {
+                return Err(format!(
+                    "latency_bounds_seconds[{i}]: {bound} does not exceed the bound before it \
+                     ({previous_bound})"
+                ));
+            }
+            if count < previous_count {
+                return Err(format!(
+                    "latency_bucket_counts[{i}]: {count} is less than the count before it \
+                     ({previous_count}); counts are cumulative"
+                ));
+            }
+        }
+        if count > route.requests {
+            return Err(format!(
+                "latency_bucket_counts[{i}]: {count} is more than the {} requests",
+                route.requests
+            ));
+        }
+        previous = Some((bound, count));
+    }
+    Ok(())
+}
+
+fn check_shadow(shadow: &ShadowStats) -> Result<(), String> {
+    check_name("destination", &shadow.destination)?;
+    check_name("route", &shadow.route)?;
+    check_name("shadow", &shadow.shadow)?;
+    let recent = shadow.recent.len();
+    if recent > MAX_REPORT_MISMATCHES {
+        return Err(format!(
+            "recent: {recent} mismatches; at most {MAX_REPORT_MISMATCHES}"
+        ));
+    }
+    // Each kept mismatch was counted in the same window.
+    let mismatches = shadow
+        .status_mismatches
+        .saturating_add(shadow.body_mismatches);
+    if recent as u64 > mismatches {
+        return Err(format!(
+            "recent: {recent} mismatches listed but {mismatches} counted \
+             (status_mismatches + body_mismatches)"
+        ));
+    }
+    Ok(())
 }
 
 /// Limits on what a Hello may carry: its labels end up in every proxy's config.
@@ -388,5 +499,101 @@ impl Session {
                 tracing::debug!(instance = self.info.instance, "a second Hello is ignored");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use trellis_api::discovery::v1::ShadowMismatch;
+
+    use super::*;
+
+    fn route() -> RouteStats {
+        RouteStats {
+            destination: "pay".into(),
+            route: "default".into(),
+            backend: "v1".into(),
+            requests: 10,
+            successes: 9,
+            latency_bounds_seconds: vec![0.01, 0.1],
+            latency_bucket_counts: vec![4, 10],
+        }
+    }
+
+    fn shadow() -> ShadowStats {
+        ShadowStats {
+            destination: "pay".into(),
+            route: "pay".into(),
+            shadow: "v2".into(),
+            mirrored: 5,
+            status_mismatches: 1,
+            recent: vec![ShadowMismatch::default()],
+            ..ShadowStats::default()
+        }
+    }
+
+    fn with(routes: Vec<RouteStats>, shadows: Vec<ShadowStats>) -> ReportRequest {
+        ReportRequest {
+            routes,
+            shadows,
+            ..ReportRequest::default()
+        }
+    }
+
+    #[test]
+    fn reports_with_impossible_numbers_or_sizes_are_refused_by_field() {
+        assert_eq!(check_report(&with(vec![route()], vec![shadow()])), Ok(()));
+        let refused = |report: ReportRequest| check_report(&report).unwrap_err();
+
+        let mut r = route();
+        r.successes = 11;
+        assert!(refused(with(vec![route(), r], vec![])).starts_with("routes[1].successes:"));
+        let mut r = route();
+        r.latency_bucket_counts = vec![10, 4];
+        let error = refused(with(vec![r], vec![]));
+        assert!(
+            error.starts_with("routes[0].latency_bucket_counts[1]:"),
+            "{error}"
+        );
+        let mut r = route();
+        r.latency_bounds_seconds = vec![0.1, 0.1];
+        let error = refused(with(vec![r], vec![]));
+        assert!(
+            error.starts_with("routes[0].latency_bounds_seconds[1]:"),
+            "{error}"
+        );
+        let mut r = route();
+        r.latency_bounds_seconds = vec![f64::NAN, 0.1];
+        assert!(refused(with(vec![r], vec![])).contains("not a finite number"));
+        let mut r = route();
+        r.latency_bucket_counts = vec![4, 11];
+        assert!(refused(with(vec![r], vec![])).contains("more than the 10 requests"));
+        let mut r = route();
+        r.latency_bucket_counts.pop();
+        assert!(refused(with(vec![r], vec![])).contains("2 latency bounds but 1 bucket counts"));
+        let mut r = route();
+        r.backend = String::new();
+        assert!(refused(with(vec![r], vec![])).starts_with("routes[0].backend:"));
+
+        let error = refused(with(vec![route(); MAX_REPORT_ENTRIES + 1], vec![]));
+        assert!(error.starts_with("routes: 10001 entries"), "{error}");
+        let error = refused(with(vec![], vec![shadow(); MAX_REPORT_ENTRIES + 1]));
+        assert!(error.starts_with("shadows: 10001 entries"), "{error}");
+
+        let mut s = shadow();
+        s.status_mismatches = 40;
+        s.recent = vec![ShadowMismatch::default(); MAX_REPORT_MISMATCHES + 1];
+        let error = refused(with(vec![], vec![shadow(), s]));
+        assert!(
+            error.starts_with("shadows[1].recent: 33 mismatches"),
+            "{error}"
+        );
+        let mut s = shadow();
+        s.status_mismatches = 0;
+        let error = refused(with(vec![], vec![s]));
+        assert!(
+            error.contains("1 mismatches listed but 0 counted"),
+            "{error}"
+        );
     }
 }

@@ -276,6 +276,14 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
             .map_err(|e| file_error(&data_dir, e))??;
     }
     tokio::spawn(compiler.clone().run(shutdown.clone()));
+    // What sidecars report; the canary controller judges canaries by it.
+    let reports = Arc::new(crate::reports::Reports::new());
+    let canaries = Arc::new(crate::canary::CanaryController::new(
+        store.clone(),
+        reports.clone(),
+        compiler.clone(),
+    ));
+    tokio::spawn(canaries.clone().run(shutdown.clone()));
     tokio::spawn(renew_own_svid(
         authority.clone(),
         creds.clone(),
@@ -297,6 +305,7 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
         trust_domain.clone(),
         registry.clone(),
         compiler.clone(),
+        reports.clone(),
         heartbeat_timeout,
         shutdown.clone(),
     );
@@ -321,6 +330,8 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
         compiler,
         tokens,
         authority,
+        canaries,
+        reports,
     });
     tokio::spawn(api.serve(api_listener, shutdown.clone()));
     tokio::spawn(crate::admin::serve(

@@ -19,6 +19,10 @@ const SECRETS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("secrets"
 /// The control plane's own bookkeeping that should survive a restart (the registry's
 /// last endpoints), as opaque bytes by name.
 const STATE: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("state");
+/// Status of resources (a Canary's progress), by resource key: kept apart from the
+/// resources so that an apply never overwrites what the control plane wrote, as with
+/// a Kubernetes status subresource.
+const STATUS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("status");
 const REVISION: &str = "revision";
 const FILE: &str = "trellis.redb";
 
@@ -137,6 +141,7 @@ impl Store {
         db!(txn.open_table(META))?;
         db!(txn.open_table(SECRETS))?;
         db!(txn.open_table(STATE))?;
+        db!(txn.open_table(STATUS))?;
         db!(txn.commit())?;
         Ok(Self { db })
     }
@@ -161,6 +166,7 @@ impl Store {
             let mut changes = Vec::with_capacity(documents.len());
             for document in documents {
                 let key = ResourceKey::of(document);
+                let document = &without_status(document);
                 let json = document.to_json().map_err(|e| StoreError::Corrupt {
                     key: key.to_string(),
                     message: e.to_string(),
@@ -221,6 +227,7 @@ impl Store {
                 .collect();
             validate_batch(&remaining, &[]).map_err(StoreError::Invalid)?;
             let removed = db!(resources.remove(key.encode().as_str()))?.is_some();
+            db!(db!(txn.open_table(STATUS))?.remove(key.encode().as_str()))?;
             if removed {
                 let mut meta = db!(txn.open_table(META))?;
                 let revision = db!(meta.get(REVISION))?.map_or(0, |v| v.value());
@@ -273,6 +280,72 @@ impl Store {
         let txn = db!(self.db.begin_read())?;
         let table = db!(txn.open_table(STATE))?;
         Ok(db!(table.get(name))?.map(|v| v.value().to_vec()))
+    }
+}
+
+impl Store {
+    /// Writes the status of the resource at `key`, if it still exists; with
+    /// `config_changed` (a canary's weight moved) the revision is bumped in the same
+    /// transaction, so the compiler and anyone waiting on it see a new revision.
+    /// Returns whether the resource existed.
+    pub fn put_status(
+        &self,
+        key: &ResourceKey,
+        status: &[u8],
+        config_changed: bool,
+    ) -> Result<bool, StoreError> {
+        let encoded = key.encode();
+        let txn = db!(self.db.begin_write())?;
+        let exists = db!(db!(txn.open_table(RESOURCES))?.get(encoded.as_str()))?.is_some();
+        if exists {
+            db!(db!(txn.open_table(STATUS))?.insert(encoded.as_str(), status))?;
+            if config_changed {
+                let mut meta = db!(txn.open_table(META))?;
+                let revision = db!(meta.get(REVISION))?.map_or(0, |v| v.value());
+                db!(meta.insert(REVISION, revision + 1))?;
+            }
+        }
+        db!(txn.commit())?;
+        Ok(exists)
+    }
+
+    pub fn status(&self, key: &ResourceKey) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = db!(self.db.begin_read())?;
+        let table = db!(txn.open_table(STATUS))?;
+        Ok(db!(table.get(key.encode().as_str()))?.map(|v| v.value().to_vec()))
+    }
+
+    /// Every stored status of resources of `kind`, by (namespace, name).
+    pub fn statuses(&self, kind: &str) -> Result<BTreeMap<(String, String), Vec<u8>>, StoreError> {
+        let txn = db!(self.db.begin_read())?;
+        let table = db!(txn.open_table(STATUS))?;
+        let prefix = format!("{kind}/");
+        let mut statuses = BTreeMap::new();
+        for entry in db!(table.iter())? {
+            let (key, value) = db!(entry)?;
+            let Some(rest) = key.value().strip_prefix(prefix.as_str()) else {
+                continue;
+            };
+            if let Some((namespace, name)) = rest.split_once('/') {
+                statuses.insert(
+                    (namespace.to_string(), name.to_string()),
+                    value.value().to_vec(),
+                );
+            }
+        }
+        Ok(statuses)
+    }
+}
+
+/// What an apply stores: a status pasted back from `get -o yaml` is not the spec's.
+fn without_status(document: &Document) -> std::borrow::Cow<'_, Document> {
+    match document {
+        Document::Canary(canary) if canary.status.is_some() => {
+            let mut canary = canary.clone();
+            canary.status = None;
+            std::borrow::Cow::Owned(Document::Canary(canary))
+        }
+        _ => std::borrow::Cow::Borrowed(document),
     }
 }
 

@@ -53,7 +53,9 @@ pub struct Analysis {
     pub min_requests: u32,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+/// Written by the control plane's canary controller, never by `apply` (like a
+/// Kubernetes status subresource).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CanaryStatus {
     #[serde(default)]
@@ -61,7 +63,55 @@ pub struct CanaryStatus {
     /// The canary's current weight, in percent.
     #[serde(default)]
     pub weight: u32,
+    /// Index into `spec.steps` of the step in force while progressing.
+    #[serde(default)]
+    pub step: u32,
+    /// When the current step began (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_started_at: Option<String>,
+    /// A digest of the spec this status follows: a changed spec starts over.
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub spec_digest: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_analysis: Option<AnalysisResult>,
+    /// What happened, oldest first; the latest 20 entries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<CanaryEvent>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+/// One analysis: the canary's and the stable subset's numbers over the interval.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AnalysisResult {
+    /// RFC 3339.
+    pub at: String,
+    pub weight: u32,
+    pub canary: SubsetStats,
+    pub stable: SubsetStats,
+    /// `passed`, `failed`, `waiting` (too few requests) or `held` (stable fails too).
+    pub verdict: String,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SubsetStats {
+    pub requests: u64,
+    /// Percent of responses that were not 5xx or mesh errors; none without requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ms: Option<f64>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryEvent {
+    /// RFC 3339.
+    pub at: String,
+    pub phase: CanaryPhase,
+    pub weight: u32,
     pub message: String,
 }
 
@@ -70,6 +120,8 @@ pub enum CanaryPhase {
     #[default]
     Pending,
     Progressing,
+    /// Held at its weight by `trellisctl canary pause` until resumed.
+    Paused,
     Promoted,
     RolledBack,
 }

@@ -2,6 +2,7 @@
 //! resource, parsed by `kind` and validated together so a route can name a subset
 //! its DestinationPolicy defines in the same file.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::Deserialize;
 
 use crate::{
@@ -157,6 +158,33 @@ impl Document {
 /// `known`. To check a change to stored state, pass the whole state after the change
 /// as `documents` (a store does), so a policy update that drops a subset a stored route
 /// uses is refused too.
+/// Refuses a second resource of `kind` for a service that already has one.
+fn one_per_service<'a>(
+    kind: &'static str,
+    resources: impl Iterator<Item = (&'a ObjectMeta, &'a str)>,
+    problems: &mut Vec<Invalid>,
+) {
+    let mut seen = std::collections::BTreeMap::new();
+    for (metadata, service) in resources {
+        let namespace = metadata.namespace.as_deref().unwrap_or("default");
+        let name = metadata.name.as_deref().unwrap_or_default();
+        if let Some(other) = seen.insert((namespace, service), name)
+            && other != name
+        {
+            problems.push(Invalid {
+                kind,
+                name: name.to_string(),
+                errors: vec![crate::validation::FieldError {
+                    path: "spec.service".into(),
+                    message: format!(
+                        "service {service:?} in namespace {namespace:?} already has {kind} {other:?}"
+                    ),
+                }],
+            });
+        }
+    }
+}
+
 pub fn validate_batch(
     documents: &[Document],
     known: &[DestinationPolicy],
@@ -180,27 +208,23 @@ pub fn validate_batch(
             .map(|p| &p.spec)
     };
     let mut problems = Vec::new();
-    // One DestinationPolicy per service: two would make which one applies depend on order.
-    let mut seen = std::collections::BTreeMap::new();
-    for policy in &policies {
-        let namespace = policy.metadata.namespace.as_deref().unwrap_or("default");
-        let name = policy.metadata.name.as_deref().unwrap_or_default();
-        if let Some(other) = seen.insert((namespace, policy.spec.service.as_str()), name)
-            && other != name
-        {
-            problems.push(Invalid {
-                kind: "DestinationPolicy",
-                name: name.to_string(),
-                errors: vec![crate::validation::FieldError {
-                    path: "spec.service".into(),
-                    message: format!(
-                        "service {:?} in namespace {namespace:?} already has DestinationPolicy {other:?}",
-                        policy.spec.service
-                    ),
-                }],
-            });
-        }
-    }
+    // One DestinationPolicy per service: two would make which one applies depend on
+    // order. One Canary per service: two would fight over the same routes' weights.
+    one_per_service(
+        "DestinationPolicy",
+        policies
+            .iter()
+            .map(|p| (&p.metadata, p.spec.service.as_str())),
+        &mut problems,
+    );
+    one_per_service(
+        "Canary",
+        documents.iter().filter_map(|d| match d {
+            Document::Canary(c) => Some((&c.metadata, c.spec.service.as_str())),
+            _ => None,
+        }),
+        &mut problems,
+    );
     for document in documents {
         let name = document.name();
         let name_problem = if name.is_empty() {

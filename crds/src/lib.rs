@@ -25,7 +25,10 @@ pub mod validation;
 pub use authorization_policy::{
     AllowRule, AuthorizationPolicy, AuthorizationPolicySpec, Operation, Source,
 };
-pub use canary::{Analysis, Canary, CanaryPhase, CanarySpec, CanaryStatus};
+pub use canary::{
+    Analysis, AnalysisResult, Canary, CanaryEvent, CanaryPhase, CanarySpec, CanaryStatus,
+    SubsetStats,
+};
 pub use destination_policy::{
     Bulkhead, CircuitBreaker, ConnectionPool, DestinationPolicy, DestinationPolicySpec,
     LoadBalancer, RateLimit, RetryBudget, Subset,

@@ -290,6 +290,18 @@ apiVersion: trellis.dev/v1alpha1
 kind: DestinationPolicy
 metadata: {name: two}
 spec: {service: payment}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Canary
+metadata: {name: first}
+spec: {service: payment, stableSubset: a, canarySubset: b, steps: [50], interval: 1m,
+       analysis: {minSuccessRate: 99, maxP99Latency: 1s}}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Canary
+metadata: {name: second}
+spec: {service: payment, stableSubset: a, canarySubset: b, steps: [50], interval: 1m,
+       analysis: {minSuccessRate: 99, maxP99Latency: 1s}}
 "#,
     );
     for want in [
@@ -302,6 +314,7 @@ spec: {service: payment}
         "spec.rules[0].match.method: \"get\" is not an upper-case HTTP method",
         "spec.rules[1].name: \"a\" is used twice",
         "spec.service: service \"payment\" in namespace \"default\" already has DestinationPolicy",
+        "spec.service: service \"payment\" in namespace \"default\" already has Canary \"first\"",
     ] {
         assert!(
             found.iter().any(|p| p.starts_with(want)),

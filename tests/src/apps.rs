@@ -300,3 +300,107 @@ impl Echo for EchoApp {
         Ok(tonic::Response::new(ReceiverStream::new(rx)))
     }
 }
+
+/// What `recording_app` saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    /// `x-trellis-shadow`, when the request carried it.
+    pub shadow: Option<String>,
+    pub body: Bytes,
+}
+
+/// Every request a `recording_app` got, in order of arrival (bodies read whole).
+#[derive(Debug, Default)]
+pub struct Recorded {
+    seen: parking_lot::Mutex<Vec<Seen>>,
+    arrived: Notify,
+}
+
+impl Recorded {
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().clone()
+    }
+
+    /// Waits until at least `n` requests came in; fails the test after 20 s.
+    pub async fn wait_for(&self, n: usize) -> Vec<Seen> {
+        crate::within(&format!("{n} requests at the app"), async {
+            loop {
+                let notified = self.arrived.notified();
+                let seen = self.seen();
+                if seen.len() >= n {
+                    return seen;
+                }
+                notified.await;
+            }
+        })
+        .await
+    }
+}
+
+/// An HTTP app that records every request (method, path, `x-trellis-shadow`, body) and
+/// answers `answer(&seen)` (status and body) after `delay`, with `x-app-name: name`.
+/// A request is recorded when it arrives, before the delay: a shadow that hangs still
+/// shows what it was sent.
+pub async fn recording_app<F>(
+    name: &'static str,
+    delay: Duration,
+    answer: F,
+) -> (SocketAddr, Arc<Recorded>)
+where
+    F: Fn(&Seen) -> (StatusCode, Bytes) + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let recorded = Arc::new(Recorded::default());
+    let answer = Arc::new(answer);
+    let app_recorded = recorded.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let (recorded, answer) = (app_recorded.clone(), answer.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let (recorded, answer) = (recorded.clone(), answer.clone());
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let seen = Seen {
+                            method: parts.method.to_string(),
+                            path: parts.uri.path().to_string(),
+                            shadow: parts
+                                .headers
+                                .get("x-trellis-shadow")
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string),
+                            body,
+                        };
+                        let (status, body) = answer(&seen);
+                        recorded.seen.lock().push(seen);
+                        recorded.arrived.notify_waiters();
+                        if !delay.is_zero() {
+                            tokio::time::sleep(delay).await;
+                        }
+                        let mut response = Response::new(full(body));
+                        *response.status_mut() = status;
+                        response
+                            .headers_mut()
+                            .insert("x-app-name", name.parse().unwrap());
+                        Ok::<_, Infallible>(response)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    });
+    (addr, recorded)
+}

@@ -236,6 +236,9 @@ impl ControlPlane {
         if let Some(ttl) = spec.cert_ttl {
             command.args(["--cert-ttl", ttl]);
         }
+        if let Some(interval) = spec.report_interval {
+            command.args(["--report-interval", interval]);
+        }
         command
     }
 }
@@ -255,6 +258,8 @@ pub struct MeshSidecarSpec {
     pub heartbeat_interval: &'static str,
     /// `--cert-ttl`; the mesh default when `None`.
     pub cert_ttl: Option<&'static str>,
+    /// `--report-interval`; the sidecar's default when `None`.
+    pub report_interval: Option<&'static str>,
     /// A join token file; one for `service` is minted when `None`.
     pub join_token: Option<PathBuf>,
     /// Where the sidecar finds the control plane, if not at the control plane's own
@@ -270,6 +275,7 @@ impl MeshSidecarSpec {
             labels: BTreeMap::new(),
             heartbeat_interval: "1s",
             cert_ttl: None,
+            report_interval: None,
             join_token: None,
             control_plane: None,
         }

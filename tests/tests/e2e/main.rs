@@ -5,13 +5,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failed test
 
+mod canary;
 mod control_plane;
 mod sidecar_admin;
 mod sidecar_breaker;
 mod sidecar_bulkheads;
 mod sidecar_faults;
 mod sidecar_inbound_policy;
+mod sidecar_mirror;
 mod sidecar_refusals;
 mod sidecar_retries;
 mod sidecar_routing;
 mod sidecar_traffic;
+mod traffic_split;
