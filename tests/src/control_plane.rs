@@ -20,6 +20,19 @@ use crate::{
     process::{Process, addr_field, binary},
 };
 
+/// Service `web` with subsets `v1` and `v2` by the `version` label: the policy most
+/// routing, split and canary tests start from.
+pub const WEB_POLICY: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: DestinationPolicy
+metadata: {name: web}
+spec:
+  service: web
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"#;
+
 pub fn control_plane_binary() -> PathBuf {
     binary("trellis-control-plane", "TRELLIS_CONTROL_PLANE_BIN")
 }

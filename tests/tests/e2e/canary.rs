@@ -20,22 +20,11 @@ use serde_json::Value;
 use trellis_tests::{
     apps::{self, Faults},
     client::call_on,
-    control_plane::{ControlPlane, ControlPlaneSpec, MeshSidecar, MeshSidecarSpec},
+    control_plane::{ControlPlane, ControlPlaneSpec, MeshSidecar, MeshSidecarSpec, WEB_POLICY},
     mesh::http1_client,
 };
 
 const NOWHERE: &str = "127.0.0.1:9";
-
-const POLICY: &str = "
-apiVersion: trellis.dev/v1alpha1
-kind: DestinationPolicy
-metadata: {name: web}
-spec:
-  service: web
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-";
 
 fn canary(steps: &str) -> String {
     format!(
@@ -187,7 +176,7 @@ async fn a_healthy_canary_climbs_every_step_and_is_promoted() {
     let dir = tempfile::tempdir().unwrap();
     let mesh = mesh(
         dir.path(),
-        &format!("{POLICY}---{}", canary("[10, 25, 50, 100]")),
+        &format!("{WEB_POLICY}---{}", canary("[10, 25, 50, 100]")),
     )
     .await;
     let load = Load::start(mesh.caller.outbound);
@@ -225,7 +214,7 @@ async fn a_failing_canary_is_rolled_back_to_zero_with_its_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let mesh = mesh(
         dir.path(),
-        &format!("{POLICY}---{}", canary("[20, 50, 100]")),
+        &format!("{WEB_POLICY}---{}", canary("[20, 50, 100]")),
     )
     .await;
     // One request in five to v2 fails: a 20% error rate.
@@ -271,7 +260,7 @@ async fn a_canary_keeps_its_place_across_a_control_plane_restart_and_obeys_trell
     let dir = tempfile::tempdir().unwrap();
     let mut mesh = mesh(
         dir.path(),
-        &format!("{POLICY}---{}", canary("[10, 25, 50, 100]")),
+        &format!("{WEB_POLICY}---{}", canary("[10, 25, 50, 100]")),
     )
     .await;
     let load = Load::start(mesh.caller.outbound);

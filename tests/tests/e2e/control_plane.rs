@@ -17,7 +17,7 @@ use serde_json::Value;
 use trellis_tests::{
     apps,
     client::Answer,
-    control_plane::{ControlPlane, ControlPlaneSpec, MeshSidecar, MeshSidecarSpec},
+    control_plane::{ControlPlane, ControlPlaneSpec, MeshSidecar, MeshSidecarSpec, WEB_POLICY},
     echo::{Message, echo_client::EchoClient},
     mesh::admin_get,
     within,
@@ -204,17 +204,6 @@ async fn every_example_round_trips_through_apply_and_get() {
         }
     }
 }
-
-const WEB_POLICY: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: DestinationPolicy
-metadata: {name: web}
-spec:
-  service: web
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-"#;
 
 fn web_route(subset: &str) -> String {
     format!(

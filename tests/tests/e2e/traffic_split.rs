@@ -19,22 +19,11 @@ use serde_json::Value;
 use trellis_tests::{
     apps::{self, Faults},
     client::call_on,
-    control_plane::{ControlPlane, ControlPlaneSpec, MeshSidecar, MeshSidecarSpec},
+    control_plane::{ControlPlane, ControlPlaneSpec, MeshSidecar, MeshSidecarSpec, WEB_POLICY},
     mesh::http1_client,
 };
 
 const NOWHERE: &str = "127.0.0.1:9";
-
-const POLICY: &str = r#"
-apiVersion: trellis.dev/v1alpha1
-kind: DestinationPolicy
-metadata: {name: web}
-spec:
-  service: web
-  subsets:
-  - {name: v1, labels: {version: v1}}
-  - {name: v2, labels: {version: v2}}
-"#;
 
 fn split(v1: u32, v2: u32) -> String {
     format!(
@@ -141,7 +130,12 @@ fn assert_binomial(what: &str, hits: u64, n: u64, p: f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_90_10_split_sends_v2_a_tenth_within_the_binomial_bound() {
     let dir = tempfile::tempdir().unwrap();
-    let mesh = Mesh::start(dir.path(), &format!("{POLICY}---\n{}", split(90, 10)), None).await;
+    let mesh = Mesh::start(
+        dir.path(),
+        &format!("{WEB_POLICY}---\n{}", split(90, 10)),
+        None,
+    )
+    .await;
     mesh.send(5000).await;
     let (v1, v2) = mesh.landed();
     assert_eq!(v1 + v2, 5000, "every request landed once: v1 {v1}, v2 {v2}");
@@ -196,7 +190,12 @@ impl Load {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_weight_change_under_load_fails_no_request_and_the_new_split_holds() {
     let dir = tempfile::tempdir().unwrap();
-    let mesh = Mesh::start(dir.path(), &format!("{POLICY}---\n{}", split(90, 10)), None).await;
+    let mesh = Mesh::start(
+        dir.path(),
+        &format!("{WEB_POLICY}---\n{}", split(90, 10)),
+        None,
+    )
+    .await;
     let load = Load::start(mesh.caller.outbound, 4);
     // Some traffic on the old split first, so the change lands mid-stream.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -236,7 +235,12 @@ async fn a_weight_change_under_load_fails_no_request_and_the_new_split_holds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_match_sends_only_marked_requests_to_v2() {
     let dir = tempfile::tempdir().unwrap();
-    let mesh = Mesh::start(dir.path(), &format!("{POLICY}---\n{TESTERS_TO_V2}"), None).await;
+    let mesh = Mesh::start(
+        dir.path(),
+        &format!("{WEB_POLICY}---\n{TESTERS_TO_V2}"),
+        None,
+    )
+    .await;
     let client = http1_client();
     let mut marked = 0;
     for i in 0..300 {
@@ -282,7 +286,7 @@ async fn reported_statistics_match_what_the_apps_counted() {
     let dir = tempfile::tempdir().unwrap();
     let mesh = Mesh::start(
         dir.path(),
-        &format!("{POLICY}---\n{}", split(70, 30)),
+        &format!("{WEB_POLICY}---\n{}", split(70, 30)),
         Some("200ms"),
     )
     .await;
