@@ -116,10 +116,15 @@ fn with_status(document: &Document, status: Option<&[u8]>) -> Result<serde_json:
     let mut value: serde_json::Value =
         serde_json::from_slice(&document.to_json().map_err(internal)?).map_err(internal)?;
     if let (Some(status), Some(object)) = (status, value.as_object_mut()) {
-        object.insert(
-            "status".into(),
-            serde_json::from_slice(status).map_err(internal)?,
-        );
+        // The controller writes an unreadable status anew; until then, show the spec.
+        match serde_json::from_slice(status) {
+            Ok(status) => {
+                object.insert("status".into(), status);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, resource = document.name(), "unreadable status left out")
+            }
+        }
     }
     Ok(value)
 }

@@ -103,7 +103,8 @@ impl CanaryController {
         }
     }
 
-    /// One round over every canary. Blocking (store reads and writes).
+    /// One round over every canary. Blocking (store reads and writes). A canary whose
+    /// status cannot be read or written is skipped this round, not the others.
     pub fn tick(&self) -> Result<(), StoreError> {
         let _writing = self.writing.lock();
         for document in self.store.list(Some("Canary"))? {
@@ -111,27 +112,34 @@ impl CanaryController {
                 continue;
             };
             let key = key_of(&canary);
-            let status = self.status(&key)?;
-            let now = SystemTime::now();
-            let next = advance(
-                &canary.spec,
-                status.as_ref(),
-                now,
-                self.started,
-                |subset, since| {
-                    self.reports.backend_stats(
-                        key.namespace.as_deref().unwrap_or("default"),
-                        &canary.spec.service,
-                        subset,
-                        instant_of(since, now),
-                    )
-                },
-            );
-            if let Some(next) = next {
-                self.write(&key, status.as_ref(), &next)?;
+            if let Err(error) = self.step(&key, &canary) {
+                tracing::error!(%error, canary = %key, "the canary controller skipped a canary this round");
             }
         }
         Ok(())
+    }
+
+    fn step(&self, key: &ResourceKey, canary: &Canary) -> Result<(), StoreError> {
+        let status = self.status(key)?;
+        let now = SystemTime::now();
+        let next = advance(
+            &canary.spec,
+            status.as_ref(),
+            now,
+            self.started,
+            |subset, since| {
+                self.reports.backend_stats(
+                    key.namespace.as_deref().unwrap_or("default"),
+                    &canary.spec.service,
+                    subset,
+                    instant_of(since, now),
+                )
+            },
+        );
+        match next {
+            Some(next) => self.write(key, status.as_ref(), &next),
+            None => Ok(()),
+        }
     }
 
     /// Carries out an operator's `action` on the canary at `key`; the new status.
@@ -258,35 +266,42 @@ pub fn advance(
         );
         return Some(next);
     }
+    // Each failed check, by kind (0: success rate, 1: p99) and in words.
     let problems = |s: &BackendStats| {
         let mut problems = Vec::new();
         let rate = s.success_rate().unwrap_or(0.0);
         if rate < spec.analysis.min_success_rate {
-            problems.push(format!(
+            let words = format!(
                 "success rate {rate:.1}% < {}%",
                 spec.analysis.min_success_rate
-            ));
+            );
+            problems.push((0, words));
         }
         if let Some(p99) = s.p99.filter(|p| *p > max_p99) {
-            problems.push(format!(
+            let words = format!(
                 "p99 {:.1} ms > {}",
                 p99.as_secs_f64() * 1e3,
                 spec.analysis.max_p99_latency
-            ));
+            );
+            problems.push((1, words));
         }
         problems
     };
     let failing = problems(&canary);
     if !failing.is_empty() {
+        let words: Vec<&str> = failing.iter().map(|(_, w)| w.as_str()).collect();
         let numbers = format!(
             "canary {} over {} requests; stable {}",
-            failing.join(", "),
+            words.join(", "),
             canary.requests,
             describe(&stable)
         );
-        // A failure the stable subset shares is not the canary's doing (a shared
-        // dependency is down): hold the weight and look again.
-        if stable.requests >= min_requests && !problems(&stable).is_empty() {
+        // A failure the stable subset shares, check for check, is not the canary's
+        // doing (a shared dependency is down): hold the weight and look again. A canary
+        // failing where the stable does not is rolled back, whatever else fails.
+        let stable_fails: Vec<u8> = problems(&stable).into_iter().map(|(k, _)| k).collect();
+        let shared = failing.iter().all(|(kind, _)| stable_fails.contains(kind));
+        if stable.requests >= min_requests && shared {
             next.step_started_at = Some(format_time(now));
             next.last_analysis = Some(analysis("held"));
             next.message = format!(
@@ -422,8 +437,9 @@ fn describe(stats: &BackendStats) -> String {
     }
 }
 
-/// Which spec a status follows: the hex SHA-256 of the spec's JSON.
-fn spec_digest(spec: &CanarySpec) -> String {
+/// Which spec a status follows: the start of the hex SHA-256 of the spec's JSON. A
+/// status written for another spec says nothing about this one.
+pub fn spec_digest(spec: &CanarySpec) -> String {
     let json = serde_json::to_vec(spec).unwrap_or_default();
     let digest = ring::digest::digest(&ring::digest::SHA256, &json);
     digest.as_ref()[..8]
@@ -569,6 +585,26 @@ mod tests {
             seen[1].message
         );
         assert_eq!(seen[2].last_analysis.as_ref().unwrap().verdict, "held");
+    }
+
+    #[test]
+    fn a_canary_failing_where_the_stable_does_not_is_rolled_back() {
+        // The stable subset is slow, but the canary fails its requests: not shared.
+        let slow_stable = BackendStats {
+            p99: Some(Duration::from_millis(900)),
+            ..healthy(500)
+        };
+        let seen = run(&[(failing(50, 0), slow_stable)]);
+        assert_eq!(seen.last().unwrap().phase, CanaryPhase::RolledBack);
+        // Both slow: shared, held.
+        let slow_canary = BackendStats {
+            p99: Some(Duration::from_millis(900)),
+            ..healthy(50)
+        };
+        let seen = run(&[(slow_canary, slow_stable)]);
+        let last = seen.last().unwrap();
+        assert_eq!(last.phase, CanaryPhase::Progressing);
+        assert_eq!(last.last_analysis.as_ref().unwrap().verdict, "held");
     }
 
     #[test]

@@ -164,10 +164,14 @@ impl Catalog {
         for canary in &resources.canaries {
             let namespace = namespace_of(&canary.metadata).to_string();
             let name = canary.metadata.name.clone().unwrap_or_default();
-            // Before the controller's first word the canary gets nothing.
+            // Before the controller's first word on this spec the canary gets nothing:
+            // a weight written for an earlier spec (say, 100% for another subset)
+            // must not reach the new one.
+            let digest = crate::canary::spec_digest(&canary.spec);
             let weight = resources
                 .canary_status
                 .get(&(namespace.clone(), name))
+                .filter(|s| s.spec_digest == digest)
                 .map_or(0, |s| s.weight);
             if let Some(service) = services.get_mut(&(namespace, canary.spec.service.clone())) {
                 split_for_canary(service, &canary.spec, weight);
@@ -734,21 +738,25 @@ spec:
                 (CANARY_ROUTE.into(), split(0))
             ]
         );
-        let status = CanaryStatus {
+        let mut status = CanaryStatus {
             weight: 25,
+            spec_digest: crate::canary::spec_digest(&resources.canaries[0].spec),
             ..CanaryStatus::default()
         };
-        resources
-            .canary_status
-            .insert(("default".into(), "api".into()), status);
+        let key = ("default".to_string(), "api".to_string());
+        resources.canary_status.insert(key.clone(), status.clone());
         assert_eq!(
             weights(&resources),
             [
-                testers,
+                testers.clone(),
                 ("1".into(), split(25)),
                 (CANARY_ROUTE.into(), split(25))
             ]
         );
+        // A status written for an earlier spec moves nothing.
+        status.spec_digest = "for another spec".into();
+        resources.canary_status.insert(key, status);
+        assert_eq!(weights(&resources)[2], (CANARY_ROUTE.into(), split(0)));
     }
 
     #[test]

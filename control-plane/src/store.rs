@@ -204,15 +204,24 @@ impl Store {
         }
     }
 
-    /// Every stored resource, or those of one kind, in key order.
+    /// Every stored resource, or those of one kind, in key order. One kind is read
+    /// alone (keys start with it): the canary controller lists canaries often.
     pub fn list(&self, kind: Option<&str>) -> Result<Vec<Document>, StoreError> {
         let txn = db!(self.db.begin_read())?;
         let resources = db!(txn.open_table(RESOURCES))?;
-        let all = decode_all(&resources)?;
-        Ok(all
-            .into_iter()
-            .filter(|d| kind.is_none_or(|k| d.kind() == k))
-            .collect())
+        let Some(kind) = kind else {
+            return decode_all(&resources);
+        };
+        let prefix = format!("{kind}/");
+        let mut documents = Vec::new();
+        for entry in db!(resources.range(prefix.as_str()..))? {
+            let (key, value) = db!(entry)?;
+            if !key.value().starts_with(prefix.as_str()) {
+                break;
+            }
+            documents.push(decode(key.value(), value.value())?);
+        }
+        Ok(documents)
     }
 
     /// Removes a resource; `false` when there was none. Refused when what remains
