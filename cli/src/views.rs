@@ -250,10 +250,10 @@ pub fn shadow_table(items: &[Value], with_namespace: bool) -> Table {
             "/tooLarge",
         ]
         .iter()
-        .map(|pointer| text(item, pointer))
+        .map(|pointer| reported_text(item, pointer))
         .collect();
         if with_namespace {
-            row.insert(0, text(item, "/namespace"));
+            row.insert(0, reported_text(item, "/namespace"));
         }
         table.push(row);
     }
@@ -276,16 +276,21 @@ pub fn mismatch_table(items: &[Value]) -> Table {
             .get("unixMs")
             .and_then(Value::as_i64)
             .map_or_else(|| "-".into(), |ms| crate::checks::format_unix(ms / 1000));
-        let digest = |pointer: &str| text(mismatch, pointer).chars().take(8).collect::<String>();
+        let digest =
+            |pointer: &str| escape_controls(text(mismatch, pointer).chars().take(8).collect());
         table.push(vec![
             time,
-            text(item, "/service"),
-            text(item, "/route"),
-            format!("{} {}", text(mismatch, "/method"), text(mismatch, "/path")),
+            reported_text(item, "/service"),
+            reported_text(item, "/route"),
+            format!(
+                "{} {}",
+                reported_text(mismatch, "/method"),
+                reported_text(mismatch, "/path")
+            ),
             format!(
                 "{}→{}",
-                text(mismatch, "/primaryStatus"),
-                text(mismatch, "/shadowStatus")
+                reported_text(mismatch, "/primaryStatus"),
+                reported_text(mismatch, "/shadowStatus")
             ),
             format!("{}→{}", digest("/primaryDigest"), digest("/shadowDigest")),
         ]);
@@ -344,6 +349,28 @@ fn sorted_by_instance(items: &[Value]) -> Vec<&Value> {
 /// The field at `pointer` as text, `-` when absent or null.
 pub fn text(value: &Value, pointer: &str) -> String {
     value.pointer(pointer).map_or_else(|| "-".into(), scalar)
+}
+
+/// `text` of what a sidecar reported, with control characters shown as `\u{..}`
+/// escapes: a hostile report must not write terminal escape sequences (or fake lines)
+/// to whoever reads the table.
+fn reported_text(value: &Value, pointer: &str) -> String {
+    escape_controls(text(value, pointer))
+}
+
+fn escape_controls(text: String) -> String {
+    if !text.chars().any(char::is_control) {
+        return text;
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn scalar(value: &Value) -> String {
@@ -549,6 +576,38 @@ mod tests {
             lines[2].ends_with("200→200   3f2a9c1e→7b4d0e22"),
             "{rendered}"
         );
+    }
+
+    #[test]
+    fn control_characters_a_sidecar_reported_are_escaped_in_shadow_tables() {
+        let mirrors = [json!({
+            "namespace": "shop", "service": "pay\u{9b}2J", "route": "pay", "shadow": "v2",
+            "mirrored": 1, "matched": 0, "statusMismatches": 1, "bodyMismatches": 0,
+            "shadowErrors": 0, "dropped": 0, "tooLarge": 0,
+            "recent": [
+                {"unixMs": 1_700_000_000_000i64, "method": "GET\u{1b}[2J",
+                 "path": "/x\r\n2023-11-14T22:13:20Z   pay   forged\u{7}",
+                 "primaryStatus": 200, "shadowStatus": 500,
+                 "primaryDigest": "\u{1b}]0;t\u{7}", "shadowDigest": "bb"}
+            ]
+        })];
+        for rendered in [
+            shadow_table(&mirrors, true).render(),
+            mismatch_table(&mirrors).render(),
+        ] {
+            assert!(
+                !rendered.chars().any(|c| c.is_control() && c != '\n'),
+                "{rendered:?}"
+            );
+            assert_eq!(rendered.lines().count(), 2, "{rendered}");
+        }
+        let rendered = mismatch_table(&mirrors).render();
+        assert!(
+            rendered.contains(r"GET\u{1b}[2J /x\u{d}\u{a}2023-11-14T22:13:20Z   pay   forged\u{7}"),
+            "{rendered}"
+        );
+        assert!(rendered.contains(r"pay\u{9b}2J"), "{rendered}");
+        assert!(rendered.contains(r"\u{1b}]0;t\u{7}→bb"), "{rendered}");
     }
 
     #[test]

@@ -479,7 +479,9 @@ impl OperatorApi {
     }
 
     /// `GET /v1/stats?namespace=&service=&caller=&window=60s`: per (service, route,
-    /// backend), what the sidecars reported over the window.
+    /// backend), what the sidecars reported over the window. `rps` is over the time the
+    /// included reports cover, not the whole window: traffic that started 10 s ago is
+    /// not diluted over a minute.
     fn stats(&self, query: Option<&str>) -> Result<Answer, Refusal> {
         let text = query_param(query, "window").unwrap_or(DEFAULT_STATS_WINDOW);
         let window = trellis_api::duration::parse(text)
@@ -502,7 +504,8 @@ impl OperatorApi {
         };
         // No instant as old as the window (a machine up for less): everything kept is
         // within it.
-        let since = Instant::now().checked_sub(window);
+        let now = Instant::now();
+        let since = now.checked_sub(window);
         let seconds = window.as_secs_f64();
         let items: Vec<_> = self
             .reports
@@ -510,6 +513,7 @@ impl OperatorApi {
             .into_iter()
             .map(|row| {
                 let stats = row.stats;
+                let covered = reports::covered_span(row.covers_from, now, window);
                 json!({
                     "namespace": row.namespace,
                     "service": row.service,
@@ -518,7 +522,8 @@ impl OperatorApi {
                     "requests": stats.requests,
                     "successes": stats.successes,
                     "successRate": stats.success_rate(),
-                    "rps": stats.requests as f64 / seconds,
+                    "rps": stats.requests as f64 / covered.as_secs_f64(),
+                    "coveredSeconds": covered.as_secs_f64(),
                     "p99Ms": stats.p99.map(|p| p.as_secs_f64() * 1e3),
                 })
             })

@@ -9,19 +9,29 @@
 //! so a query may include up to one bucket width of older reports (a second, or a
 //! minute for queries reaching further back than five minutes).
 //!
-//! Memory is bounded twice: by time (an hour) and by count. There are at most
-//! `MAX_ENTRIES` (route, backend, caller) entries across all buckets, about 400 bytes
-//! each, so some 80 MB at worst; past that the oldest buckets are dropped first, so the
-//! recent past, which canaries judge by, is what stays. Shadow totals are kept for at
-//! most `MAX_SHADOWS` route mirrors with `RECENT_MISMATCHES` mismatches each.
+//! Memory is bounded by time (an hour) and by count, and nothing already kept is
+//! dropped to make room. At most `MAX_KEYS` (service, route, backend, caller) keys are
+//! held; a report that would add a key beyond that is refused whole (`StatsFull`), and
+//! keys free up as their last bucket ages out. Each key's names are stored once, shared
+//! by the buckets it is in; an entry in a bucket is a fixed-size `Counts` (160 bytes
+//! with its key pointer, up to twice that in a hash table just grown). A key is in at
+//! most 61 minute buckets, and one-second buckets hold at most `MAX_FINE_ENTRIES`
+//! entries in all: past that the oldest seconds are folded into their minute early,
+//! losing precision, not data. So at worst some 5,000 × 1.7 KiB of names + 100,000 ×
+//! 370 B + 5,000 × 61 × 370 B ≈ 160 MB. Shadow totals are kept for at most
+//! `MAX_SHADOWS` route mirrors with `RECENT_MISMATCHES` mismatches each.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use parking_lot::Mutex;
-use trellis_api::discovery::v1::{ReportRequest, RouteStats, ShadowMismatch, ShadowStats};
+use trellis_api::{
+    LATENCY_BOUNDS_SECONDS,
+    discovery::v1::{ReportRequest, RouteStats, ShadowMismatch, ShadowStats},
+};
 
 /// Width of the recent buckets.
 const FINE_WIDTH: Duration = Duration::from_secs(1);
@@ -31,8 +41,12 @@ const FINE_SPAN: Duration = Duration::from_secs(5 * 60);
 const COARSE_WIDTH: Duration = Duration::from_secs(60);
 /// How far back statistics reach.
 pub(crate) const RETENTION: Duration = Duration::from_secs(3600);
-/// (route, backend, caller) entries kept across all buckets.
-const MAX_ENTRIES: usize = 200_000;
+/// (service, route, backend, caller) keys held across all buckets.
+const MAX_KEYS: usize = 5_000;
+/// Entries in the one-second buckets, all together; beyond, the oldest are folded early.
+const MAX_FINE_ENTRIES: usize = 100_000;
+/// Latency buckets: one per bound, and one for what was slower than every bound.
+const LATENCY_BUCKETS: usize = LATENCY_BOUNDS_SECONDS.len() + 1;
 /// Route mirrors whose totals are kept; reports of others are ignored.
 const MAX_SHADOWS: usize = 1000;
 /// Mismatches kept per route mirror, the newest.
@@ -65,6 +79,21 @@ pub(crate) struct RouteRow {
     pub(crate) route: String,
     pub(crate) backend: String,
     pub(crate) stats: BackendStats,
+    /// Where the earliest window in the sums began: the counts cover from here to the
+    /// latest report.
+    pub(crate) covers_from: Instant,
+}
+
+/// A report refused because it would take the statistics past `MAX_KEYS` keys.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "statistics are full: they hold at most {MAX_KEYS} (service, route, backend, caller) \
+     keys over the last hour and this report would add {new} more; keys free up as their \
+     reports age out"
+)]
+pub struct StatsFull {
+    /// Keys the report would have added.
+    pub new: usize,
 }
 
 /// Which rows `route_stats` returns; `None` matches everything.
@@ -105,8 +134,10 @@ struct Inner {
     fine: VecDeque<Bucket>,
     /// One minute wide, oldest first, all older than `fine`.
     coarse: VecDeque<Bucket>,
-    /// Entries across both.
-    entries: usize,
+    /// Every key some bucket holds; a key whose only other holder is gone is removed.
+    keys: HashSet<Arc<RouteKey>>,
+    /// Whether the last report with new keys was refused, so that is logged once.
+    full: bool,
     /// The latest arrival seen: the clock buckets age by.
     latest: Option<Instant>,
     shadows: HashMap<ShadowKey, Shadow>,
@@ -118,7 +149,9 @@ struct Bucket {
     start: Instant,
     /// The newest arrival in it.
     last: Instant,
-    routes: HashMap<RouteKey, Counts>,
+    /// Where the earliest window in it began (arrival less the window's length).
+    covers_from: Instant,
+    routes: HashMap<Arc<RouteKey>, Counts>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -145,18 +178,13 @@ struct Shadow {
     recent: VecDeque<ShadowMismatch>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Counts {
     requests: u64,
     successes: u64,
-    latency: Histogram,
-}
-
-/// Latency counts per bucket (not cumulative) by upper bound in seconds, ascending;
-/// the last bound is +Inf and holds what was slower than every finite one.
-#[derive(Debug, Clone, Default, PartialEq)]
-struct Histogram {
-    buckets: Vec<(f64, u64)>,
+    /// Per bucket of `LATENCY_BOUNDS_SECONDS` (not cumulative), then what was slower
+    /// than every bound.
+    latency: [u64; LATENCY_BUCKETS],
 }
 
 // === impl Reports ===
@@ -167,39 +195,70 @@ impl Reports {
     }
 
     /// One sidecar's window as received at `at` (already validated). `namespace` is
-    /// the reporter's.
-    pub fn add(&self, namespace: &str, report: &ReportRequest, at: Instant) {
+    /// the reporter's. Refused whole, changing nothing, when it would add keys past
+    /// `MAX_KEYS`.
+    pub fn add(
+        &self,
+        namespace: &str,
+        report: &ReportRequest,
+        at: Instant,
+    ) -> Result<(), StatsFull> {
         let mut inner = self.inner.lock();
         inner.advance(at);
-        if !report.routes.is_empty() {
-            let mut added = 0;
-            if let Some(bucket) = inner.bucket_for(at) {
-                for route in &report.routes {
-                    let (dest_namespace, service) = destination(namespace, &route.destination);
-                    let key = RouteKey {
-                        namespace: dest_namespace.to_string(),
-                        service: service.to_string(),
-                        route: route.route.clone(),
-                        backend: route.backend.clone(),
-                        caller_namespace: namespace.to_string(),
-                        caller: report.service.clone(),
-                    };
-                    let counts = Counts::from_report(route);
-                    match bucket.routes.get_mut(&key) {
-                        Some(existing) => existing.merge(&counts),
-                        None => {
-                            bucket.routes.insert(key, counts);
-                            added += 1;
-                        }
+        if !report.routes.is_empty() && !inner.too_old(at) {
+            let keys: Vec<RouteKey> = report
+                .routes
+                .iter()
+                .map(|route| RouteKey::of(namespace, &report.service, route))
+                .collect();
+            let new = keys
+                .iter()
+                .filter(|key| !inner.keys.contains(*key))
+                .collect::<HashSet<_>>()
+                .len();
+            if inner.keys.len() + new > MAX_KEYS {
+                if !inner.full {
+                    inner.full = true;
+                    tracing::warn!(
+                        held = inner.keys.len(),
+                        new,
+                        service = report.service,
+                        namespace,
+                        "statistics are full: reports with new keys are refused until older \
+                         ones age out"
+                    );
+                }
+                return Err(StatsFull { new });
+            }
+            if new > 0 {
+                inner.full = false;
+            }
+            let keys: Vec<Arc<RouteKey>> = keys.into_iter().map(|key| inner.intern(key)).collect();
+            let window = Duration::from_millis(u64::from(report.window_ms));
+            let covers_from = at.checked_sub(window).unwrap_or(at);
+            match inner.bucket_for(at) {
+                Some(bucket) => {
+                    bucket.covers_from = bucket.covers_from.min(covers_from);
+                    for (key, route) in keys.into_iter().zip(&report.routes) {
+                        let counts = Counts::from_report(route);
+                        bucket
+                            .routes
+                            .entry(key)
+                            .and_modify(|existing| existing.merge(&counts))
+                            .or_insert(counts);
                     }
                 }
+                None => {
+                    drop(keys);
+                    inner.forget_unheld_keys();
+                }
             }
-            inner.entries += added;
-            inner.enforce_cap();
+            inner.enforce_fine_cap();
         }
         for stats in &report.shadows {
             inner.add_shadow(namespace, stats);
         }
+        Ok(())
     }
 
     /// Requests to `service` in `namespace` served by `backend` (subset name, or
@@ -231,7 +290,7 @@ impl Reports {
         filter: StatsFilter<'_>,
         since: Option<Instant>,
     ) -> Vec<RouteRow> {
-        let mut sums: HashMap<(&str, &str, &str, &str), Counts> = HashMap::new();
+        let mut sums: HashMap<(&str, &str, &str, &str), (Counts, Instant)> = HashMap::new();
         let inner = self.inner.lock();
         for bucket in inner.since(since) {
             for (key, counts) in &bucket.routes {
@@ -239,21 +298,26 @@ impl Reports {
                     && filter.service.is_none_or(|s| key.service == s)
                     && filter.caller.is_none_or(|c| key.caller == c);
                 if wanted {
-                    sums.entry((&key.namespace, &key.service, &key.route, &key.backend))
-                        .or_default()
-                        .merge(counts);
+                    let (sum, covers_from) = sums
+                        .entry((&key.namespace, &key.service, &key.route, &key.backend))
+                        .or_insert((Counts::default(), bucket.covers_from));
+                    sum.merge(counts);
+                    *covers_from = (*covers_from).min(bucket.covers_from);
                 }
             }
         }
         let mut rows: Vec<RouteRow> = sums
             .into_iter()
-            .map(|((namespace, service, route, backend), counts)| RouteRow {
-                namespace: namespace.to_string(),
-                service: service.to_string(),
-                route: route.to_string(),
-                backend: backend.to_string(),
-                stats: counts.stats(),
-            })
+            .map(
+                |((namespace, service, route, backend), (counts, covers_from))| RouteRow {
+                    namespace: namespace.to_string(),
+                    service: service.to_string(),
+                    route: route.to_string(),
+                    backend: backend.to_string(),
+                    stats: counts.stats(),
+                    covers_from,
+                },
+            )
             .collect();
         drop(inner);
         rows.sort_by(|a, b| {
@@ -303,12 +367,38 @@ impl Reports {
     }
 }
 
+/// The time a row's counts cover, for a rate: from where its earliest window began to
+/// `now`, at most the `window` asked for (a bucket may reach a little further back),
+/// and never zero.
+pub(crate) fn covered_span(covers_from: Instant, now: Instant, window: Duration) -> Duration {
+    now.saturating_duration_since(covers_from)
+        .min(window)
+        .max(Duration::from_millis(1))
+}
+
 /// The (namespace, service) a sidecar's config key names: `svc` in the reporter's own
 /// namespace, `svc.ns` in another. Service names are DNS labels, without dots.
 fn destination<'a>(reporter_namespace: &'a str, destination: &'a str) -> (&'a str, &'a str) {
     match destination.split_once('.') {
         Some((service, namespace)) => (namespace, service),
         None => (reporter_namespace, destination),
+    }
+}
+
+// === impl RouteKey ===
+
+impl RouteKey {
+    /// The key `route` of a report by `caller` in `caller_namespace` counts under.
+    fn of(caller_namespace: &str, caller: &str, route: &RouteStats) -> Self {
+        let (namespace, service) = destination(caller_namespace, &route.destination);
+        Self {
+            namespace: namespace.to_string(),
+            service: service.to_string(),
+            route: route.route.clone(),
+            backend: route.backend.clone(),
+            caller_namespace: caller_namespace.to_string(),
+            caller: caller.to_string(),
+        }
     }
 }
 
@@ -339,9 +429,40 @@ impl Inner {
             .is_some_and(|b| latest.saturating_duration_since(b.last) >= RETENTION)
         {
             if let Some(gone) = self.coarse.pop_front() {
-                self.entries -= gone.routes.len();
+                self.release(gone);
             }
         }
+    }
+
+    /// Whether a report arriving at `at` is older than everything kept.
+    fn too_old(&self, at: Instant) -> bool {
+        self.latest
+            .is_some_and(|latest| latest.saturating_duration_since(at) >= RETENTION)
+    }
+
+    /// The shared copy of `key`, made the first time it is seen.
+    fn intern(&mut self, key: RouteKey) -> Arc<RouteKey> {
+        if let Some(held) = self.keys.get(&key) {
+            return held.clone();
+        }
+        let key = Arc::new(key);
+        self.keys.insert(key.clone());
+        key
+    }
+
+    /// Drops a bucket, and the keys no other bucket holds.
+    fn release(&mut self, gone: Bucket) {
+        for key in gone.routes.into_keys() {
+            // This bucket's and the set's: no other bucket holds it.
+            if Arc::strong_count(&key) == 2 {
+                self.keys.remove(&*key);
+            }
+        }
+    }
+
+    /// Removes keys no bucket holds (interned for a report that found no bucket).
+    fn forget_unheld_keys(&mut self) {
+        self.keys.retain(|key| Arc::strong_count(key) > 1);
     }
 
     /// Adds a one-second bucket to the minute it falls in.
@@ -349,16 +470,13 @@ impl Inner {
         match self.coarse.back_mut() {
             Some(minute) if fine.start < minute.start + COARSE_WIDTH => {
                 minute.last = minute.last.max(fine.last);
+                minute.covers_from = minute.covers_from.min(fine.covers_from);
                 for (key, counts) in fine.routes {
-                    match minute.routes.get_mut(&key) {
-                        Some(existing) => {
-                            existing.merge(&counts);
-                            self.entries -= 1;
-                        }
-                        None => {
-                            minute.routes.insert(key, counts);
-                        }
-                    }
+                    minute
+                        .routes
+                        .entry(key)
+                        .and_modify(|existing| existing.merge(&counts))
+                        .or_insert(counts);
                 }
             }
             _ => self.coarse.push_back(fine),
@@ -368,8 +486,7 @@ impl Inner {
     /// The bucket a report arriving at `at` goes to; `None` when `at` is older than
     /// everything kept.
     fn bucket_for(&mut self, at: Instant) -> Option<&mut Bucket> {
-        let latest = self.latest.unwrap_or(at);
-        if latest.saturating_duration_since(at) >= RETENTION {
+        if self.too_old(at) {
             return None;
         }
         let newest_start = self.fine.back().map(|b| b.start);
@@ -398,23 +515,23 @@ impl Inner {
         self.fine.push_back(Bucket {
             start: at,
             last: at,
+            covers_from: at,
             routes: HashMap::new(),
         });
         self.fine.back_mut()
     }
 
-    /// Drops the oldest buckets while there are too many entries; the newest bucket
-    /// always stays.
-    fn enforce_cap(&mut self) {
-        while self.entries > MAX_ENTRIES && self.coarse.len() + self.fine.len() > 1 {
-            let gone = match self.coarse.pop_front() {
-                Some(gone) => gone,
-                None => match self.fine.pop_front() {
-                    Some(gone) => gone,
-                    None => return,
-                },
+    /// Folds the oldest one-second buckets into their minutes while the seconds hold
+    /// more than `MAX_FINE_ENTRIES` entries: older counts lose precision, nothing is
+    /// dropped. The newest second always stays.
+    fn enforce_fine_cap(&mut self) {
+        let mut fine_entries: usize = self.fine.iter().map(|b| b.routes.len()).sum();
+        while fine_entries > MAX_FINE_ENTRIES && self.fine.len() > 1 {
+            let Some(oldest) = self.fine.pop_front() else {
+                return;
             };
-            self.entries -= gone.routes.len();
+            fine_entries -= oldest.routes.len();
+            self.fold(oldest);
         }
     }
 
@@ -483,22 +600,30 @@ fn cut(text: &str) -> String {
 // === impl Counts ===
 
 impl Counts {
+    /// From a report's cumulative counts (its bounds are `LATENCY_BOUNDS_SECONDS`, as
+    /// checked on arrival); what `requests` has beyond the last count was slower than
+    /// every bound.
     fn from_report(route: &RouteStats) -> Self {
+        let mut latency = [0u64; LATENCY_BUCKETS];
+        let mut below = 0u64;
+        for (bucket, &cumulative) in latency.iter_mut().zip(&route.latency_bucket_counts) {
+            *bucket = cumulative.saturating_sub(below);
+            below = below.max(cumulative);
+        }
+        latency[LATENCY_BUCKETS - 1] = route.requests.saturating_sub(below);
         Self {
             requests: route.requests,
             successes: route.successes,
-            latency: Histogram::from_cumulative(
-                &route.latency_bounds_seconds,
-                &route.latency_bucket_counts,
-                route.requests,
-            ),
+            latency,
         }
     }
 
     fn merge(&mut self, other: &Counts) {
         self.requests = self.requests.saturating_add(other.requests);
         self.successes = self.successes.saturating_add(other.successes);
-        self.latency.merge(&other.latency);
+        for (mine, theirs) in self.latency.iter_mut().zip(&other.latency) {
+            *mine = mine.saturating_add(*theirs);
+        }
     }
 
     fn stats(&self) -> BackendStats {
@@ -508,105 +633,35 @@ impl Counts {
             p99: if self.requests == 0 {
                 None
             } else {
-                self.latency
-                    .quantile(0.99)
-                    .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                quantile(&self.latency, 0.99).and_then(|s| Duration::try_from_secs_f64(s).ok())
             },
         }
     }
 }
 
-// === impl Histogram ===
-
-impl Histogram {
-    /// From a report's bounds and cumulative counts; what `requests` has beyond the
-    /// last count was slower than every bound.
-    fn from_cumulative(bounds: &[f64], cumulative: &[u64], requests: u64) -> Self {
-        let mut buckets = Vec::with_capacity(bounds.len() + 1);
-        let mut below = 0u64;
-        for (bound, count) in bounds.iter().zip(cumulative) {
-            buckets.push((*bound, count.saturating_sub(below)));
-            below = below.max(*count);
-        }
-        buckets.push((f64::INFINITY, requests.saturating_sub(below)));
-        Self { buckets }
+/// The `q` quantile in seconds of per-bucket `counts`, as Prometheus'
+/// `histogram_quantile`: linear within the bucket the rank falls in (from 0 for the
+/// first), and the last bound when it falls beyond it. `None` without observations.
+/// Summed in `u128`, so no count, however large, overflows.
+fn quantile(counts: &[u64; LATENCY_BUCKETS], q: f64) -> Option<f64> {
+    let total: u128 = counts.iter().map(|&n| u128::from(n)).sum();
+    if total == 0 {
+        return None;
     }
-
-    fn merge(&mut self, other: &Histogram) {
-        let same_bounds = self.buckets.len() == other.buckets.len()
-            && self
-                .buckets
-                .iter()
-                .zip(&other.buckets)
-                .all(|(a, b)| a.0 == b.0);
-        if same_bounds {
-            for (mine, theirs) in self.buckets.iter_mut().zip(&other.buckets) {
-                mine.1 = mine.1.saturating_add(theirs.1);
-            }
-            return;
+    let rank = q * total as f64;
+    let mut below = 0u128;
+    let mut lower = 0.0;
+    for (&count, &bound) in counts.iter().zip(&LATENCY_BOUNDS_SECONDS) {
+        let upto = below + u128::from(count);
+        if count > 0 && upto as f64 >= rank {
+            // Rounding at huge counts may put the rank a hair outside the bucket.
+            let within = ((rank - below as f64) / count as f64).clamp(0.0, 1.0);
+            return Some(lower + (bound - lower) * within);
         }
-        // Sidecars of other builds may bucket differently: the union of the bounds,
-        // each count staying under its own upper bound.
-        let mut merged = Vec::with_capacity(self.buckets.len() + other.buckets.len());
-        let (mut a, mut b) = (
-            self.buckets.iter().peekable(),
-            other.buckets.iter().peekable(),
-        );
-        loop {
-            let next = match (a.peek(), b.peek()) {
-                (Some(x), Some(y)) => match x.0.total_cmp(&y.0) {
-                    std::cmp::Ordering::Less => a.next().copied(),
-                    std::cmp::Ordering::Greater => b.next().copied(),
-                    std::cmp::Ordering::Equal => {
-                        let (x, y) = (*x, *y);
-                        a.next();
-                        b.next();
-                        Some((x.0, x.1.saturating_add(y.1)))
-                    }
-                },
-                (Some(_), None) => a.next().copied(),
-                (None, Some(_)) => b.next().copied(),
-                (None, None) => None,
-            };
-            match next {
-                Some(bucket) => merged.push(bucket),
-                None => break,
-            }
-        }
-        self.buckets = merged;
+        below = upto;
+        lower = bound;
     }
-
-    /// The `q` quantile in seconds, as Prometheus' `histogram_quantile`: linear within
-    /// the bucket the rank falls in (from 0 for the first), and the last finite bound
-    /// when it falls beyond it. `None` without observations or finite bounds.
-    fn quantile(&self, q: f64) -> Option<f64> {
-        let total: u64 = self.buckets.iter().map(|b| b.1).sum();
-        if total == 0 {
-            return None;
-        }
-        let rank = q * total as f64;
-        let mut below = 0u64;
-        let mut lower = 0.0;
-        for &(bound, count) in &self.buckets {
-            let upto = below + count;
-            if upto as f64 >= rank && count > 0 {
-                if bound.is_infinite() {
-                    break;
-                }
-                let within = (rank - below as f64) / count as f64;
-                return Some(lower + (bound - lower) * within);
-            }
-            below = upto;
-            if bound.is_finite() {
-                lower = bound;
-            }
-        }
-        self.buckets
-            .iter()
-            .rev()
-            .map(|b| b.0)
-            .find(|bound| bound.is_finite())
-    }
+    LATENCY_BOUNDS_SECONDS.last().copied()
 }
 
 // === impl BackendStats ===
@@ -624,11 +679,7 @@ mod tests {
 
     use super::*;
 
-    /// The sidecar's bounds (trellis-proxy's traffic ledger).
-    const BOUNDS: [f64; 16] = [
-        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-        300.0,
-    ];
+    const BOUNDS: [f64; 16] = LATENCY_BOUNDS_SECONDS;
 
     /// `requests` to `destination` via `backend`, `successes` of them fine, each taking
     /// one of `latencies` (seconds) in turn.
@@ -673,25 +724,31 @@ mod tests {
     fn windows_from_several_callers_and_routes_add_up_per_backend() {
         let reports = Reports::new();
         let t0 = Instant::now();
-        reports.add(
-            "shop",
-            &report(
-                "web",
-                vec![
-                    route("pay", "v1", 90, 90, &[0.002]),
-                    route("pay", "v2", 10, 9, &[0.002]),
-                ],
-            ),
-            t0,
-        );
+        reports
+            .add(
+                "shop",
+                &report(
+                    "web",
+                    vec![
+                        route("pay", "v1", 90, 90, &[0.002]),
+                        route("pay", "v2", 10, 9, &[0.002]),
+                    ],
+                ),
+                t0,
+            )
+            .unwrap();
         let mut other_route = route("pay", "v2", 30, 30, &[0.002]);
         other_route.route = "testers".into();
-        reports.add("shop", &report("order", vec![other_route]), t0 + S / 2);
-        reports.add(
-            "shop",
-            &report("web", vec![route("pay", "v2", 5, 5, &[0.002])]),
-            t0 + 3 * S,
-        );
+        reports
+            .add("shop", &report("order", vec![other_route]), t0 + S / 2)
+            .unwrap();
+        reports
+            .add(
+                "shop",
+                &report("web", vec![route("pay", "v2", 5, 5, &[0.002])]),
+                t0 + 3 * S,
+            )
+            .unwrap();
 
         let v2 = reports.backend_stats("shop", "pay", "v2", t0);
         assert_eq!((v2.requests, v2.successes), (45, 44));
@@ -731,16 +788,20 @@ mod tests {
     fn only_reports_since_the_given_time_count() {
         let reports = Reports::new();
         let t0 = Instant::now();
-        reports.add(
-            "shop",
-            &report("web", vec![route("pay", "v2", 100, 0, &[0.002])]),
-            t0,
-        );
-        reports.add(
-            "shop",
-            &report("web", vec![route("pay", "v2", 7, 7, &[0.002])]),
-            t0 + 5 * S,
-        );
+        reports
+            .add(
+                "shop",
+                &report("web", vec![route("pay", "v2", 100, 0, &[0.002])]),
+                t0,
+            )
+            .unwrap();
+        reports
+            .add(
+                "shop",
+                &report("web", vec![route("pay", "v2", 7, 7, &[0.002])]),
+                t0 + 5 * S,
+            )
+            .unwrap();
         let recent = reports.backend_stats("shop", "pay", "v2", t0 + 2 * S);
         assert_eq!((recent.requests, recent.successes), (7, 7));
         let all = reports.backend_stats("shop", "pay", "v2", t0);
@@ -757,44 +818,69 @@ mod tests {
         // halfway into that bucket: 75 ms.
         let mut latencies = vec![0.0005; 98];
         latencies.extend([0.08, 0.08]);
-        reports.add(
-            "shop",
-            &report("web", vec![route("pay", "v1", 100, 100, &latencies)]),
-            t0,
-        );
+        reports
+            .add(
+                "shop",
+                &report("web", vec![route("pay", "v1", 100, 100, &latencies)]),
+                t0,
+            )
+            .unwrap();
         let p99 = reports.backend_stats("shop", "pay", "v1", t0).p99.unwrap();
         assert!((p99.as_secs_f64() - 0.075).abs() < 1e-9, "{p99:?}");
 
         // All within the first bucket: from 0 to 1 ms, at 99%.
-        reports.add(
-            "shop",
-            &report("web", vec![route("cart", "v1", 10, 10, &[0.0001])]),
-            t0,
-        );
+        reports
+            .add(
+                "shop",
+                &report("web", vec![route("cart", "v1", 10, 10, &[0.0001])]),
+                t0,
+            )
+            .unwrap();
         let p99 = reports.backend_stats("shop", "cart", "v1", t0).p99.unwrap();
         assert!((p99.as_secs_f64() - 0.00099).abs() < 1e-9, "{p99:?}");
 
         // Slower than the last bound: the last bound.
-        reports.add(
-            "shop",
-            &report("web", vec![route("slow", "v1", 10, 10, &[400.0])]),
-            t0,
-        );
+        reports
+            .add(
+                "shop",
+                &report("web", vec![route("slow", "v1", 10, 10, &[400.0])]),
+                t0,
+            )
+            .unwrap();
         let p99 = reports.backend_stats("shop", "slow", "v1", t0).p99.unwrap();
         assert_eq!(p99, Duration::from_secs(300));
+    }
 
-        // Windows with other bounds still add up.
-        let mut coarse = route("pay", "v1", 100, 100, &[0.0005]);
-        coarse.latency_bounds_seconds = vec![0.002, 0.2];
-        coarse.latency_bucket_counts = vec![100, 100];
-        reports.add("shop", &report("web", vec![coarse]), t0);
-        // Rank 198 of 200 is the last of the 2 ms bucket (1 ms..2 ms, by the union).
+    #[test]
+    fn counts_near_u64_max_saturate_and_still_give_a_p99() {
+        let reports = Reports::new();
+        let t0 = Instant::now();
+        // Every bucket full: the histogram's total is 17 × u64::MAX, and two windows
+        // of it add up to the same.
+        let mut full = route("pay", "v1", 0, 0, &[0.0]);
+        full.requests = u64::MAX;
+        full.successes = u64::MAX;
+        full.latency_bucket_counts = vec![u64::MAX; BOUNDS.len()];
+        reports
+            .add("shop", &report("web", vec![full.clone()]), t0)
+            .unwrap();
+        reports.add("shop", &report("web", vec![full]), t0).unwrap();
         let stats = reports.backend_stats("shop", "pay", "v1", t0);
-        assert_eq!(stats.requests, 200);
-        assert!(
-            (stats.p99.unwrap().as_secs_f64() - 0.002).abs() < 1e-9,
-            "{stats:?}"
-        );
+        assert_eq!((stats.requests, stats.successes), (u64::MAX, u64::MAX));
+        assert_eq!(stats.success_rate(), Some(100.0));
+        // All in the first bucket: 99% of the way to 1 ms.
+        let p99 = stats.p99.unwrap().as_secs_f64();
+        assert!((p99 - 0.00099).abs() < 1e-9, "{p99}");
+
+        let mut counts = [0u64; LATENCY_BUCKETS];
+        counts[3] = u64::MAX;
+        counts[16] = u64::MAX;
+        // Half beyond the last bound: the last bound.
+        assert_eq!(quantile(&counts, 0.99), Some(300.0));
+        // The median is the last of the (5 ms, 10 ms] bucket.
+        let median = quantile(&counts, 0.5).unwrap();
+        assert!((median - 0.01).abs() < 1e-9, "{median}");
+        assert_eq!(quantile(&[0; LATENCY_BUCKETS], 0.99), None);
     }
 
     #[test]
@@ -803,75 +889,182 @@ mod tests {
         let t0 = Instant::now();
         for minute in 0..10u32 {
             let at = t0 + Duration::from_secs(60 * u64::from(minute));
-            reports.add(
-                "shop",
-                &report("web", vec![route("pay", "v1", 1, 1, &[0.002])]),
-                at,
-            );
+            reports
+                .add(
+                    "shop",
+                    &report("web", vec![route("pay", "v1", 1, 1, &[0.002])]),
+                    at,
+                )
+                .unwrap();
         }
         {
             let inner = reports.inner.lock();
             assert!(inner.coarse.len() >= 4, "older than 5 min is in minutes");
             assert!(inner.fine.len() <= 6);
-            assert_eq!(inner.entries, 10);
+            assert_eq!(entries(&inner), 10);
+            assert_eq!(inner.keys.len(), 1, "one key, shared by every bucket");
         }
         assert_eq!(reports.backend_stats("shop", "pay", "v1", t0).requests, 10);
 
         // An hour after the first report it is gone; the later ones are not.
         let later = t0 + RETENTION + Duration::from_secs(30);
-        reports.add(
-            "shop",
-            &report("web", vec![route("cart", "v1", 1, 1, &[0.002])]),
-            later,
-        );
+        reports
+            .add(
+                "shop",
+                &report("web", vec![route("cart", "v1", 1, 1, &[0.002])]),
+                later,
+            )
+            .unwrap();
         assert_eq!(reports.backend_stats("shop", "pay", "v1", t0).requests, 9);
         // An hour after that, everything but the newest report is.
         let much_later = later + RETENTION;
-        reports.add(
-            "shop",
-            &report("web", vec![route("cart", "v1", 1, 1, &[0.002])]),
-            much_later,
-        );
+        reports
+            .add(
+                "shop",
+                &report("web", vec![route("cart", "v1", 1, 1, &[0.002])]),
+                much_later,
+            )
+            .unwrap();
         assert_eq!(reports.backend_stats("shop", "pay", "v1", t0).requests, 0);
         assert_eq!(reports.backend_stats("shop", "cart", "v1", t0).requests, 1);
-        assert_eq!(reports.inner.lock().entries, 1);
-        // A report that arrives stamped before the retained hour is ignored.
-        reports.add(
-            "shop",
-            &report("web", vec![route("pay", "v1", 1, 1, &[0.002])]),
-            t0,
+        assert_eq!(entries(&reports.inner.lock()), 1);
+        assert_eq!(
+            reports.inner.lock().keys.len(),
+            1,
+            "pay's key left with its buckets"
         );
+        // A report that arrives stamped before the retained hour is ignored.
+        reports
+            .add(
+                "shop",
+                &report("web", vec![route("pay", "v1", 1, 1, &[0.002])]),
+                t0,
+            )
+            .unwrap();
         assert_eq!(reports.backend_stats("shop", "pay", "v1", t0).requests, 0);
     }
 
+    /// Entries across all buckets.
+    fn entries(inner: &Inner) -> usize {
+        inner
+            .coarse
+            .iter()
+            .chain(&inner.fine)
+            .map(|b| b.routes.len())
+            .sum()
+    }
+
+    /// A report with one route to each of `services`, from `caller`.
+    fn spread(caller: &str, services: std::ops::Range<usize>) -> ReportRequest {
+        let routes = services
+            .map(|i| route(&format!("svc{i}"), "v1", 1, 1, &[0.002]))
+            .collect();
+        report(caller, routes)
+    }
+
     #[test]
-    fn too_many_entries_drop_the_oldest_buckets() {
+    fn past_the_key_cap_new_keys_are_refused_and_what_is_kept_stays() {
         let reports = Reports::new();
         let t0 = Instant::now();
-        let per_report = 10_000;
-        let reports_needed = MAX_ENTRIES / per_report + 2;
-        for n in 0..reports_needed {
-            let routes = (0..per_report)
-                .map(|i| route(&format!("svc{i}"), "v1", 1, 1, &[0.002]))
-                .collect();
-            reports.add("shop", &report("web", routes), t0 + 2 * S * n as u32);
+        reports
+            .add("shop", &spread("web", 0..MAX_KEYS - 1), t0)
+            .unwrap();
+        // Two new keys where one fits: refused whole, nothing of it kept.
+        let refused = reports
+            .add("shop", &spread("order", 0..2), t0 + S)
+            .unwrap_err();
+        assert_eq!(refused, StatsFull { new: 2 });
+        assert!(refused.to_string().contains("at most 5000"), "{refused}");
+        assert_eq!(reports.inner.lock().keys.len(), MAX_KEYS - 1);
+        assert_eq!(
+            reports.route_stats(
+                StatsFilter {
+                    caller: Some("order"),
+                    ..StatsFilter::default()
+                },
+                None,
+            ),
+            []
+        );
+        // One fits; after it, known keys are still counted, and the oldest data is whole.
+        reports.add("shop", &spread("order", 0..1), t0 + S).unwrap();
+        reports
+            .add("shop", &spread("web", 0..MAX_KEYS - 1), t0 + 2 * S)
+            .unwrap();
+        assert_eq!(
+            reports.add("shop", &spread("cart", 0..1), t0 + 3 * S),
+            Err(StatsFull { new: 1 })
+        );
+        assert_eq!(reports.backend_stats("shop", "svc0", "v1", t0).requests, 3);
+        assert_eq!(
+            reports.backend_stats("shop", "svc4998", "v1", t0).requests,
+            2
+        );
+
+        // Keys free up as their buckets age out.
+        let later = t0 + RETENTION + 10 * S;
+        reports.add("shop", &spread("cart", 0..1), later).unwrap();
+        assert_eq!(reports.inner.lock().keys.len(), 1);
+    }
+
+    #[test]
+    fn a_bucket_entry_is_as_small_as_the_memory_estimate_says() {
+        // docs/control-plane.md's worst case is built on these.
+        assert_eq!(size_of::<(Arc<RouteKey>, Counts)>(), 160);
+        assert_eq!(size_of::<RouteKey>(), 6 * size_of::<String>());
+    }
+
+    #[test]
+    fn too_many_one_second_entries_fold_early_into_minutes_losing_nothing() {
+        let reports = Reports::new();
+        let t0 = Instant::now();
+        let per_report = 2_000;
+        let seconds = MAX_FINE_ENTRIES / per_report + 5;
+        for n in 0..seconds {
+            reports
+                .add("shop", &spread("web", 0..per_report), t0 + S * n as u32)
+                .unwrap();
         }
         let inner = reports.inner.lock();
-        assert!(inner.entries <= MAX_ENTRIES, "{}", inner.entries);
-        let kept: usize = inner.fine.iter().map(|b| b.routes.len()).sum();
-        assert_eq!(kept, inner.entries);
+        let fine: usize = inner.fine.iter().map(|b| b.routes.len()).sum();
+        assert!(fine <= MAX_FINE_ENTRIES, "{fine}");
+        assert!(!inner.coarse.is_empty(), "the oldest seconds were folded");
         drop(inner);
-        // The oldest windows are gone; the newest is whole.
-        let oldest = reports.backend_stats("shop", "svc0", "v1", t0).requests;
-        assert!(oldest < reports_needed as u64, "{oldest}");
-        // The newest report is whole.
-        let newest = t0 + 2 * S * (reports_needed as u32 - 1);
-        assert_eq!(
-            reports
-                .backend_stats("shop", "svc9999", "v1", newest)
-                .requests,
-            1
-        );
+        let all = reports.backend_stats("shop", "svc0", "v1", t0).requests;
+        assert_eq!(all, seconds as u64, "nothing dropped");
+    }
+
+    #[test]
+    fn a_rows_covered_span_starts_with_its_earliest_window_and_fits_the_query() {
+        let reports = Reports::new();
+        let t0 = Instant::now();
+        let with_window = |routes, window_ms| ReportRequest {
+            window_ms,
+            ..report("web", routes)
+        };
+        // v1 reported twice, its first window 10 s long; v2 only later, over 2 s.
+        let v1 = || vec![route("pay", "v1", 10, 10, &[0.002])];
+        reports
+            .add("shop", &with_window(v1(), 10_000), t0 + 10 * S)
+            .unwrap();
+        reports
+            .add("shop", &with_window(v1(), 10_000), t0 + 20 * S)
+            .unwrap();
+        let v2 = vec![route("pay", "v2", 10, 10, &[0.002])];
+        reports
+            .add("shop", &with_window(v2, 2_000), t0 + 25 * S)
+            .unwrap();
+        let rows = reports.route_stats(StatsFilter::default(), None);
+        let from: Vec<_> = rows.iter().map(|r| r.covers_from).collect();
+        assert_eq!(from, [t0, t0 + 23 * S]);
+
+        let now = t0 + 25 * S;
+        let minute = Duration::from_secs(60);
+        assert_eq!(covered_span(from[0], now, minute), 25 * S);
+        assert_eq!(covered_span(from[1], now, minute), 2 * S);
+        // A bucket reaching back past the window counts as the window.
+        assert_eq!(covered_span(from[0], now, 5 * S), 5 * S);
+        assert_eq!(covered_span(now, now, minute), Duration::from_millis(1));
     }
 
     #[test]
@@ -880,17 +1073,19 @@ mod tests {
         assert_eq!(destination("shop", "ledger.finance"), ("finance", "ledger"));
         let reports = Reports::new();
         let t0 = Instant::now();
-        reports.add(
-            "shop",
-            &report(
-                "web",
-                vec![
-                    route("pay", "v1", 3, 3, &[0.002]),
-                    route("pay.billing", "v1", 4, 4, &[0.002]),
-                ],
-            ),
-            t0,
-        );
+        reports
+            .add(
+                "shop",
+                &report(
+                    "web",
+                    vec![
+                        route("pay", "v1", 3, 3, &[0.002]),
+                        route("pay.billing", "v1", 4, 4, &[0.002]),
+                    ],
+                ),
+                t0,
+            )
+            .unwrap();
         assert_eq!(reports.backend_stats("shop", "pay", "v1", t0).requests, 3);
         assert_eq!(
             reports.backend_stats("billing", "pay", "v1", t0).requests,
@@ -944,7 +1139,7 @@ mod tests {
                 shadows: vec![stats],
                 ..report("web", vec![])
             };
-            reports.add("shop", &report, t0);
+            reports.add("shop", &report, t0).unwrap();
         }
         let rows = reports.shadows(Some("shop"), Some("pay"));
         let [row] = &rows[..] else {
@@ -958,7 +1153,7 @@ mod tests {
         assert_eq!(row.recent.last().unwrap().path, "/2/7");
         assert!(reports.shadows(Some("billing"), None).is_empty());
         // No route windows were sent: no buckets.
-        assert_eq!(reports.inner.lock().entries, 0);
+        assert_eq!(entries(&reports.inner.lock()), 0);
     }
 
     #[test]

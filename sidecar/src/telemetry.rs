@@ -2,15 +2,18 @@
 //! admin server renders; every request gets one access-log line, an `x-request-id`
 //! and a W3C `traceparent`.
 
-use std::time::Duration;
+use std::{collections::HashMap, sync::LazyLock, time::Duration};
 
 use http::{HeaderMap, HeaderValue, StatusCode};
+use metrics::Counter;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use parking_lot::RwLock;
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::{
     args::LogFormat,
     http::{REQUEST_ID, TRACEPARENT},
+    traffic::{RouteKey, RouteNames},
 };
 
 pub const REQUESTS: &str = "trellis_requests_total";
@@ -205,6 +208,31 @@ pub fn record_request(
     metrics::counter!(REQUESTS, &[a, b, c, code]).increment(1);
 }
 
+/// How an outbound request through a route ended, for its route and backend counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteOutcome {
+    /// Response headers came back; `mesh_error`: the mesh's own (`x-trellis-error`).
+    Answered {
+        status: StatusCode,
+        mesh_error: bool,
+    },
+    /// The client went away (HTTP/2 reset, closed connection) before the response
+    /// headers: a failure, since a backend too slow to wait for is not a healthy one.
+    ClientGone,
+}
+
+/// The status counted for `RouteOutcome::ClientGone`: nginx's "client closed request".
+pub const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
+    Ok(status) => status,
+    Err(_) => panic!("499 is a valid status code"),
+};
+
+/// Handles of `trellis_route_backend_requests_total` by (service, route, backend) and
+/// code, found with borrowed names: `counter!` would allocate the four label values on
+/// every request. As bounded as the series themselves.
+static ROUTE_BACKEND_COUNTERS: LazyLock<RwLock<HashMap<RouteKey, HashMap<u16, Counter>>>> =
+    LazyLock::new(RwLock::default);
+
 /// Counts one outbound request by the route that matched and the backend (subset or
 /// service) that served it, for splits and canaries; and enters it in the ledger the
 /// control plane is sent. Routes and backends come from config, so labels stay bounded.
@@ -212,19 +240,38 @@ pub fn record_route_backend(
     service: &str,
     route: &str,
     backend: &str,
-    status: StatusCode,
-    mesh_error: bool,
+    outcome: RouteOutcome,
     elapsed: Duration,
 ) {
-    metrics::counter!(
-        ROUTE_BACKEND_REQUESTS,
-        "service" => service.to_string(),
-        "route" => route.to_string(),
-        "backend" => backend.to_string(),
-        "code" => status.as_u16().to_string(),
-    )
-    .increment(1);
-    let success = !status.is_server_error() && !mesh_error;
+    let (code, success) = match outcome {
+        RouteOutcome::Answered { status, mesh_error } => {
+            (status, !status.is_server_error() && !mesh_error)
+        }
+        RouteOutcome::ClientGone => (CLIENT_CLOSED, false),
+    };
+    let names = (service, route, backend);
+    let code = code.as_u16();
+    let counted = ROUTE_BACKEND_COUNTERS
+        .read()
+        .get(&names as &dyn RouteNames)
+        .and_then(|codes| codes.get(&code))
+        .map(|counter| counter.increment(1))
+        .is_some();
+    if !counted {
+        let counter = metrics::counter!(
+            ROUTE_BACKEND_REQUESTS,
+            "service" => service.to_string(),
+            "route" => route.to_string(),
+            "backend" => backend.to_string(),
+            "code" => code.to_string(),
+        );
+        counter.increment(1);
+        ROUTE_BACKEND_COUNTERS
+            .write()
+            .entry(RouteKey::new(names))
+            .or_default()
+            .insert(code, counter);
+    }
     crate::traffic::global().record_route(service, route, backend, success, elapsed);
 }
 

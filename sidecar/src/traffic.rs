@@ -7,19 +7,18 @@
 //! scraped by others; this is drained by the reporter alone.
 
 use std::{
+    borrow::Borrow,
     collections::{HashMap, VecDeque},
+    hash::{Hash, Hasher},
     sync::LazyLock,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use parking_lot::Mutex;
+/// Upper bounds of the reported latency buckets, in seconds: the ones the control
+/// plane accepts, so windows from every proxy add up bucket by bucket.
+pub use trellis_api::LATENCY_BOUNDS_SECONDS;
 use trellis_api::discovery::v1::{RouteStats, ShadowMismatch, ShadowStats};
-
-/// Upper bounds of the reported latency buckets, in seconds. Fixed, so windows from
-/// every proxy add up bucket by bucket on the control plane.
-pub const LATENCY_BOUNDS_SECONDS: [f64; 16] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-];
 
 /// Mismatches kept per route mirror, for reports and the admin `/shadow` page.
 pub const RECENT_MISMATCHES: usize = 8;
@@ -67,8 +66,68 @@ struct Window {
     shadows: HashMap<RouteKey, ShadowCounts>,
 }
 
-/// (destination, route, backend or shadow)
-type RouteKey = (String, String, String);
+/// (destination, route, backend or shadow), as the maps own it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RouteKey {
+    destination: String,
+    route: String,
+    target: String,
+}
+
+/// A key's three names, owned or borrowed: the maps are searched with a request's
+/// `&str`s, so only a key they do not hold yet costs allocations.
+pub(crate) trait RouteNames {
+    fn names(&self) -> (&str, &str, &str);
+}
+
+impl RouteNames for RouteKey {
+    fn names(&self) -> (&str, &str, &str) {
+        (&self.destination, &self.route, &self.target)
+    }
+}
+
+impl RouteNames for (&str, &str, &str) {
+    fn names(&self) -> (&str, &str, &str) {
+        *self
+    }
+}
+
+impl RouteKey {
+    pub(crate) fn new((destination, route, target): (&str, &str, &str)) -> Self {
+        Self {
+            destination: destination.to_owned(),
+            route: route.to_owned(),
+            target: target.to_owned(),
+        }
+    }
+}
+
+// Owned and borrowed keys must hash alike: both hash their names.
+impl Hash for RouteKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.names().hash(state);
+    }
+}
+
+impl Hash for dyn RouteNames + '_ {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.names().hash(state);
+    }
+}
+
+impl PartialEq for dyn RouteNames + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.names() == other.names()
+    }
+}
+
+impl Eq for dyn RouteNames + '_ {}
+
+impl<'a> Borrow<dyn RouteNames + 'a> for RouteKey {
+    fn borrow(&self) -> &(dyn RouteNames + 'a) {
+        self
+    }
+}
 
 #[derive(Debug, Default)]
 struct RouteCounts {
@@ -76,6 +135,16 @@ struct RouteCounts {
     successes: u64,
     /// Per bucket, not cumulative; one more than the bounds for the slower ones.
     buckets: [u64; LATENCY_BOUNDS_SECONDS.len() + 1],
+}
+
+impl RouteCounts {
+    fn add(&mut self, success: bool, bucket: usize) {
+        self.requests = self.requests.saturating_add(1);
+        self.successes = self.successes.saturating_add(u64::from(success));
+        if let Some(count) = self.buckets.get_mut(bucket) {
+            *count = count.saturating_add(1);
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -107,12 +176,16 @@ impl Ledger {
             .iter()
             .position(|bound| seconds <= *bound)
             .unwrap_or(LATENCY_BOUNDS_SECONDS.len());
+        let names = (destination, route, backend);
         let mut window = self.window.lock();
-        let key = (destination.to_owned(), route.to_owned(), backend.to_owned());
-        let counts = window.routes.entry(key).or_default();
-        counts.requests += 1;
-        counts.successes += u64::from(success);
-        counts.buckets[bucket] += 1;
+        match window.routes.get_mut(&names as &dyn RouteNames) {
+            Some(counts) => counts.add(success, bucket),
+            None => window
+                .routes
+                .entry(RouteKey::new(names))
+                .or_default()
+                .add(success, bucket),
+        }
     }
 
     /// What the mirror of `route` of `destination` to `shadow` did with one request.
@@ -124,7 +197,7 @@ impl Ledger {
         shadow: &str,
         outcome: ShadowOutcome,
     ) {
-        let key = (destination.to_owned(), route.to_owned(), shadow.to_owned());
+        let key = RouteKey::new((destination, route, shadow));
         let at = unix_ms(SystemTime::now());
         count_shadow(
             self.shadow_history.lock().entry(key.clone()).or_default(),
@@ -145,10 +218,10 @@ impl Ledger {
             .shadow_history
             .lock()
             .iter()
-            .map(|((destination, route, shadow), counts)| ShadowStats {
-                destination: destination.clone(),
-                route: route.clone(),
-                shadow: shadow.clone(),
+            .map(|(key, counts)| ShadowStats {
+                destination: key.destination.clone(),
+                route: key.route.clone(),
+                shadow: key.target.clone(),
                 recent: counts.recent.iter().cloned().collect(),
                 ..counts.stats.clone()
             })
@@ -165,19 +238,19 @@ impl Ledger {
         let routes = window
             .routes
             .into_iter()
-            .map(|((destination, route, backend), counts)| {
-                let mut below = 0;
+            .map(|(key, counts)| {
+                let mut below = 0u64;
                 let latency_bucket_counts = counts.buckets[..LATENCY_BOUNDS_SECONDS.len()]
                     .iter()
                     .map(|n| {
-                        below += n;
+                        below = below.saturating_add(*n);
                         below
                     })
                     .collect();
                 RouteStats {
-                    destination,
-                    route,
-                    backend,
+                    destination: key.destination,
+                    route: key.route,
+                    backend: key.target,
                     requests: counts.requests,
                     successes: counts.successes,
                     latency_bounds_seconds: LATENCY_BOUNDS_SECONDS.to_vec(),
@@ -188,10 +261,10 @@ impl Ledger {
         let shadows = window
             .shadows
             .into_iter()
-            .map(|((destination, route, shadow), counts)| ShadowStats {
-                destination,
-                route,
-                shadow,
+            .map(|(key, counts)| ShadowStats {
+                destination: key.destination,
+                route: key.route,
+                shadow: key.target,
                 recent: counts.recent.into(),
                 ..counts.stats
             })

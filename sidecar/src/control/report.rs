@@ -7,8 +7,9 @@
 //! to the control plane, a refusal, no answer within the call timeout) is dropped
 //! and counted in `trellis_reports_failed_total`: the counts are deltas for a moving
 //! analysis, and holding them back would fold minutes of traffic into one late
-//! window. Empty windows are not sent. The data path only ever touches the ledger's
-//! lock, for one map insert; it never waits for a report.
+//! window. Empty windows are not sent. On shutdown the ledger is drained once more
+//! and that last window sent with a 1 s deadline. The data path only ever touches
+//! the ledger's lock, for one map lookup; it never waits for a report.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -19,14 +20,20 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-use trellis_api::discovery::v1::{
-    ReportRequest, RouteStats, ShadowStats, discovery_client::DiscoveryClient,
+use trellis_api::{
+    MAX_REPORT_WINDOW_MS,
+    discovery::v1::{ReportRequest, RouteStats, ShadowStats, discovery_client::DiscoveryClient},
 };
 
 use super::{CALL_TIMEOUT, ControlError};
 use crate::traffic;
 
 pub const REPORTS_FAILED: &str = "trellis_reports_failed_total";
+
+const RPC: &str = "Discovery.Report";
+
+/// How long the last window, on shutdown, may take to send.
+const LAST_REPORT_DEADLINE: Duration = Duration::from_secs(1);
 
 /// The control plane refuses Discovery messages over 1 MiB; a window with more in it
 /// goes as several reports of the same window, each at most this large.
@@ -54,7 +61,7 @@ enum ReportError {
 // === impl Reporter ===
 
 impl Reporter {
-    pub(crate) async fn run(self, shutdown: CancellationToken) {
+    pub(crate) async fn run(mut self, shutdown: CancellationToken) {
         metrics::describe_counter!(
             REPORTS_FAILED,
             "Traffic report windows that could not be sent to the control plane and were dropped"
@@ -62,23 +69,44 @@ impl Reporter {
         let period = self.interval;
         let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        let mut window_start = SystemTime::now();
+        let mut window = WindowStart::now();
         let mut failing = false;
+        // Kept rather than read at each send: on shutdown the subscriber clears the
+        // watch as it closes its stream, and the last window still goes out on the
+        // connection, which lives while a clone of its channel does.
+        let mut channel = self.channel.borrow_and_update().clone();
+        let mut watching = true;
         loop {
             tokio::select! {
-                () = shutdown.cancelled() => return,
+                // Shutdown before a channel change: the subscriber's `None` on its way
+                // out must not cost the last window its connection.
+                biased;
+                () = shutdown.cancelled() => break,
+                changed = self.channel.changed(), if watching => {
+                    match changed {
+                        Ok(()) => channel = self.channel.borrow_and_update().clone(),
+                        // The subscriber is gone: nothing will change the channel again.
+                        Err(_) => watching = false,
+                    }
+                    continue;
+                }
                 _ = ticks.tick() => {}
             }
-            let now = SystemTime::now();
-            let (routes, shadows) = traffic::global().take();
-            let start = std::mem::replace(&mut window_start, now);
-            if routes.is_empty() && shadows.is_empty() {
+            let Some(reports) = self.take(&mut window) else {
                 continue;
-            }
-            let reports = self.reports(start, now, routes, shadows);
+            };
+            let send = self.send(channel.clone(), reports);
+            tokio::pin!(send);
             let sent = tokio::select! {
-                () = shutdown.cancelled() => return,
-                sent = self.send(reports) => sent,
+                biased;
+                sent = &mut send => sent,
+                // A window on its way is let finish, briefly, rather than thrown away.
+                () = shutdown.cancelled() => {
+                    match tokio::time::timeout(LAST_REPORT_DEADLINE, send).await {
+                        Ok(sent) => sent,
+                        Err(_) => Err(ControlError::Timeout(RPC).into()),
+                    }
+                }
             };
             match sent {
                 Ok(()) if failing => {
@@ -100,13 +128,43 @@ impl Reporter {
                 }
             }
         }
+        // What was counted since the last tick would be lost with the process: one
+        // more window, given a short while so shutdown is not held up by it.
+        let Some(reports) = self.take(&mut window) else {
+            return;
+        };
+        let sent =
+            match tokio::time::timeout(LAST_REPORT_DEADLINE, self.send(channel, reports)).await {
+                Ok(sent) => sent,
+                Err(_) => Err(ControlError::Timeout(RPC).into()),
+            };
+        match sent {
+            Ok(()) => tracing::debug!("the last traffic window was sent"),
+            Err(error) => {
+                metrics::counter!(REPORTS_FAILED).increment(1);
+                tracing::warn!(%error, "the last traffic window could not be sent on shutdown");
+            }
+        }
     }
 
-    /// The window `[start, end)` as reports of at most `MAX_REPORT_BYTES` each.
+    /// Drains the ledger: the window since `start` as reports, and a new window
+    /// starting now; `None` when nothing was counted.
+    fn take(&self, start: &mut WindowStart) -> Option<Vec<ReportRequest>> {
+        let (routes, shadows) = traffic::global().take();
+        let began = std::mem::replace(start, WindowStart::now());
+        if routes.is_empty() && shadows.is_empty() {
+            return None;
+        }
+        let length = began.monotonic.elapsed();
+        Some(self.reports(began.wall, length, routes, shadows))
+    }
+
+    /// The window of `length` from `start` as reports of at most `MAX_REPORT_BYTES`
+    /// each.
     fn reports(
         &self,
         start: SystemTime,
-        end: SystemTime,
+        length: Duration,
         routes: Vec<RouteStats>,
         shadows: Vec<ShadowStats>,
     ) -> Vec<ReportRequest> {
@@ -115,28 +173,52 @@ impl Reporter {
             namespace: self.namespace.clone(),
             instance: self.instance.clone(),
             window_start_unix_ms: unix_ms(start),
-            window_ms: end
-                .duration_since(start)
-                .map_or(0, |d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX)),
+            window_ms: window_ms(length),
             routes: Vec::new(),
             shadows: Vec::new(),
         };
         split(empty, routes, shadows, MAX_REPORT_BYTES)
     }
 
-    /// Sends the pieces in order; the first failure ends the window.
-    async fn send(&self, reports: Vec<ReportRequest>) -> Result<(), ReportError> {
-        let rpc = "Discovery.Report";
-        let channel = self.channel.borrow().clone();
+    /// Sends the pieces in order on `channel`; the first failure ends the window.
+    async fn send(
+        &self,
+        channel: Option<Channel>,
+        reports: Vec<ReportRequest>,
+    ) -> Result<(), ReportError> {
         let mut client = DiscoveryClient::new(channel.ok_or(ReportError::NotConnected)?);
         for report in reports {
             tokio::time::timeout(CALL_TIMEOUT, client.report(report))
                 .await
-                .map_err(|_| ControlError::Timeout(rpc))?
-                .map_err(|status| ControlError::status(rpc, status))?;
+                .map_err(|_| ControlError::Timeout(RPC))?
+                .map_err(|status| ControlError::status(RPC, status))?;
         }
         Ok(())
     }
+}
+
+/// When a window began: by the wall clock for the report, and by the monotonic one
+/// for its length, which a clock step must not make zero or huge.
+#[derive(Debug, Clone, Copy)]
+struct WindowStart {
+    wall: SystemTime,
+    monotonic: Instant,
+}
+
+impl WindowStart {
+    fn now() -> Self {
+        Self {
+            wall: SystemTime::now(),
+            monotonic: Instant::now(),
+        }
+    }
+}
+
+/// A window's length as the control plane accepts it: at least 1 ms, at most an hour
+/// (a longer window, after a suspended machine, is reported as the last hour's).
+fn window_ms(length: Duration) -> u32 {
+    let ms = u32::try_from(length.as_millis()).unwrap_or(u32::MAX);
+    ms.clamp(1, MAX_REPORT_WINDOW_MS)
 }
 
 /// `empty` (the header) filled with the entries, as few reports as fit `max_bytes`
@@ -276,6 +358,16 @@ mod tests {
         assert_eq!(sizes, [1, 1, 1]);
     }
 
+    #[test]
+    fn window_lengths_are_kept_within_what_the_control_plane_accepts() {
+        assert_eq!(window_ms(Duration::from_micros(10)), 1);
+        assert_eq!(window_ms(Duration::from_millis(10_500)), 10_500);
+        assert_eq!(
+            window_ms(Duration::from_secs(3 * 3600)),
+            MAX_REPORT_WINDOW_MS
+        );
+    }
+
     #[tokio::test]
     async fn without_a_stream_to_the_control_plane_a_window_fails_at_once() {
         let (_tx, channel) = watch::channel(None);
@@ -288,13 +380,13 @@ mod tests {
         };
         let reports = reporter.reports(
             UNIX_EPOCH + Duration::from_secs(100),
-            UNIX_EPOCH + Duration::from_millis(110_500),
+            Duration::from_millis(10_500),
             vec![route(0)],
             vec![],
         );
         assert_eq!(reports[0].window_start_unix_ms, 100_000);
         assert_eq!(reports[0].window_ms, 10_500);
-        let error = reporter.send(reports).await.unwrap_err();
+        let error = reporter.send(None, reports).await.unwrap_err();
         assert!(matches!(error, ReportError::NotConnected), "{error}");
     }
 }

@@ -2,7 +2,7 @@
 //! share each subset gets is checked against a binomial bound, counted where the
 //! requests land (the apps); a weight change under load fails nothing; and what the
 //! caller's sidecar reports adds up, in `GET /v1/stats` and `trellisctl stat`, to what
-//! the apps saw.
+//! the apps saw, failures, latency and requests the client gave up on included.
 
 use std::{
     net::SocketAddr,
@@ -93,6 +93,37 @@ impl Mesh {
     /// Requests each app has received: (v1, v2).
     fn landed(&self) -> (u64, u64) {
         (self.v1.requests(), self.v2.requests())
+    }
+
+    /// Sends `n` GETs to `web`, a few at a time, and counts the answers that were not
+    /// 200, all of which must be the apps' own 503s: (from v1, from v2).
+    async fn send_counting_failures(&self, n: u64) -> (u64, u64) {
+        const WORKERS: u64 = 8;
+        let client = http1_client();
+        let tasks: Vec<_> = (0..WORKERS)
+            .map(|worker| {
+                let (client, outbound) = (client.clone(), self.caller.outbound);
+                tokio::spawn(async move {
+                    let mut failed = (0, 0);
+                    for _ in (worker..n).step_by(WORKERS as usize) {
+                        let answer = call_on(&client, outbound, "web", Method::GET, "/", &[]).await;
+                        match (answer.status, answer.app()) {
+                            (StatusCode::OK, _) => {}
+                            (StatusCode::SERVICE_UNAVAILABLE, "web-v1") => failed.0 += 1,
+                            (StatusCode::SERVICE_UNAVAILABLE, "web-v2") => failed.1 += 1,
+                            _ => panic!("neither an answer nor an app's failure: {answer:?}"),
+                        }
+                    }
+                    failed
+                })
+            })
+            .collect();
+        let mut failed = (0, 0);
+        for task in tasks {
+            let (v1, v2) = task.await.unwrap();
+            failed = (failed.0 + v1, failed.1 + v2);
+        }
+        failed
     }
 
     /// Sends `n` GETs to `web`, a few at a time; every one must be answered 200.
@@ -382,4 +413,159 @@ async fn reported_statistics_match_what_the_apps_counted() {
     assert!(out.success, "{}", out.stderr);
     assert_eq!(out.stdout, "");
     assert!(out.stderr.contains("No shadows found"), "{}", out.stderr);
+}
+
+/// The row of `web`'s `backend` in `GET /v1/stats`, once the reports have caught up
+/// with the `requests` that app received.
+async fn stats_row(cp: &ControlPlane, backend: &str, requests: u64) -> Value {
+    let path = "/v1/stats?namespace=default&service=web&window=5m";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, stats) = cp.call(Method::GET, path, None).await;
+        assert_eq!(status, StatusCode::OK, "{stats}");
+        if per_backend(&stats, backend).0 == requests {
+            let rows = stats["items"].as_array().unwrap();
+            let row = rows.iter().find(|row| row["backend"] == backend).unwrap();
+            return row.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reports never added up to {requests} requests to {backend}: {stats:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_show_a_slow_failing_v2_beside_a_fast_healthy_v1() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = Mesh::start(
+        dir.path(),
+        &format!("{WEB_POLICY}---\n{}", split(50, 50)),
+        Some("200ms"),
+    )
+    .await;
+    mesh.v2.delay_ms.store(50, Ordering::SeqCst);
+    // After every tenth request v2 receives, its next one fails: about 10%.
+    let failing = {
+        let v2 = mesh.v2.clone();
+        tokio::spawn(async move {
+            let mut next = 10;
+            loop {
+                if v2.requests() >= next {
+                    v2.fail_next.fetch_add(1, Ordering::SeqCst);
+                    next += 10;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    let (v1_failed, v2_failed) = mesh.send_counting_failures(600).await;
+    failing.abort();
+    let (v1, v2) = mesh.landed();
+    assert_eq!(v1 + v2, 600, "every request landed once: v1 {v1}, v2 {v2}");
+    assert_eq!(v1_failed, 0);
+    assert_binomial("v2's failures at 10%", v2_failed, v2, 0.1);
+
+    let v2_row = stats_row(&mesh.cp, "v2", v2).await;
+    assert_eq!(v2_row["successes"], v2 - v2_failed, "{v2_row}");
+    let rate = v2_row["successRate"].as_f64().unwrap();
+    // The same bound, in percent of v2's requests.
+    let bound = 3.29 * (v2 as f64 * 0.1 * 0.9).sqrt() * 100.0 / v2 as f64;
+    assert!((rate - 90.0).abs() <= bound, "90% ± {bound:.1}: {v2_row}");
+    // 50 ms added to each: p99 interpolates into the (50 ms, 100 ms] bucket.
+    let p99 = v2_row["p99Ms"].as_f64().unwrap();
+    assert!((25.0..=100.0).contains(&p99), "{v2_row}");
+
+    let v1_row = stats_row(&mesh.cp, "v1", v1).await;
+    assert_eq!(v1_row["successRate"], 100.0, "{v1_row}");
+    // Fast: v1's slowest percent is still quicker than v2's, which waits 50 ms for
+    // every answer. (An absolute bound would measure the machine's load instead.)
+    let v1_p99 = v1_row["p99Ms"].as_f64().unwrap();
+    assert!(v1_p99 < p99, "v1 {v1_row} against v2 {v2_row}");
+
+    // A rate over the time the reports cover, which is at most the window.
+    for row in [&v1_row, &v2_row] {
+        let covered = row["coveredSeconds"].as_f64().unwrap();
+        assert!(covered > 0.0 && covered <= 300.0, "{row}");
+        let rps = row["rps"].as_f64().unwrap();
+        let requests = row["requests"].as_f64().unwrap();
+        assert!((rps * covered - requests).abs() < 1e-6 * requests, "{row}");
+        // The load took seconds, not the 5 minutes asked for.
+        assert!(covered < 120.0, "{row}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_window_is_reported_when_the_caller_shuts_down() {
+    let dir = tempfile::tempdir().unwrap();
+    // No tick comes in the test's lifetime: only the shutdown's report can carry it.
+    let mut mesh = Mesh::start(
+        dir.path(),
+        &format!("{WEB_POLICY}---\n{}", split(50, 50)),
+        Some("1h"),
+    )
+    .await;
+    mesh.send(100).await;
+    let (v1, v2) = mesh.landed();
+    let path = "/v1/stats?namespace=default&service=web&window=5m";
+    let (_, before) = mesh.cp.call(Method::GET, path, None).await;
+    assert_eq!(before["items"], Value::Array(vec![]), "{before}");
+
+    mesh.caller.process.signal("TERM");
+    assert!(
+        mesh.caller
+            .process
+            .wait_exit(Duration::from_secs(10))
+            .success()
+    );
+    let (_, after) = mesh.cp.call(Method::GET, path, None).await;
+    assert_eq!(
+        (per_backend(&after, "v1").0, per_backend(&after, "v2").0),
+        (v1, v2),
+        "{after:#}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_client_gives_up_on_counts_as_a_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let mesh = Mesh::start(
+        dir.path(),
+        &format!("{WEB_POLICY}---\n{TESTERS_TO_V2}"),
+        Some("200ms"),
+    )
+    .await;
+    mesh.v2.delay_ms.store(5_000, Ordering::SeqCst);
+
+    // Over h2c, so giving up resets the stream and the caller's sidecar drops the
+    // request at once.
+    let tcp = tokio::net::TcpStream::connect(mesh.caller.outbound)
+        .await
+        .unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let request = http::Request::get("http://web/")
+        .header("x-canary", "true")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), sender.send_request(request));
+    assert!(gave_up.await.is_err(), "v2 answered within 300 ms");
+
+    let row = stats_row(&mesh.cp, "v2", 1).await;
+    assert_eq!(row["successes"], 0, "{row}");
+    // Counted with the time it had taken: in the (250 ms, 500 ms] bucket.
+    let p99 = row["p99Ms"].as_f64().unwrap();
+    assert!((250.0..=500.0).contains(&p99), "{row}");
+    let scrape = trellis_tests::mesh::scrape(mesh.caller.admin).await;
+    let labels = [("backend", "v2"), ("code", "499")];
+    assert_eq!(
+        trellis_tests::mesh::metric_value(&scrape, "trellis_route_backend_requests_total", &labels),
+        1.0
+    );
 }
