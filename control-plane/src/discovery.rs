@@ -15,11 +15,11 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use trellis_api::CONFIG_CHUNK_BYTES;
 use trellis_api::discovery::v1::{
     Ack, ConfigPush, Heartbeat, Hello, Nack, ReportRequest, ReportResponse, RouteStats,
     ShadowStats, SubscribeRequest, discovery_server::Discovery, subscribe_request::Kind,
 };
+use trellis_api::{CONFIG_CHUNK_BYTES, LATENCY_BOUNDS_SECONDS, MAX_REPORT_WINDOW_MS};
 use trellis_ca::{SpiffeId, TrustDomain};
 
 use crate::{
@@ -144,18 +144,17 @@ impl Discovery for DiscoveryService {
         } = hello;
         let identity = self.authorize(caller.as_ref(), &service, &namespace)?;
         check_hello_sizes(&instance, &labels)?;
-        let address: SocketAddr = inbound_address.parse().map_err(|e| {
-            Status::invalid_argument(format!("hello.inbound_address {inbound_address:?}: {e}"))
-        })?;
-        if address.ip().is_unspecified() || address.port() == 0 {
-            return Err(Status::invalid_argument(format!(
-                "hello.inbound_address {address} is not an address peers can dial"
-            )));
-        }
-        let instance = if instance.is_empty() {
-            format!("{service}-{address}")
-        } else {
-            instance
+        // Empty for a gateway: listed in `get proxies`, nobody's endpoint.
+        let address: Option<SocketAddr> =
+            crate::registry::inbound_address(&inbound_address).map_err(Status::invalid_argument)?;
+        let instance = match (instance.is_empty(), address) {
+            (false, _) => instance,
+            (true, Some(address)) => format!("{service}-{address}"),
+            (true, None) => {
+                return Err(Status::invalid_argument(
+                    "hello.instance is required when hello.inbound_address is empty",
+                ));
+            }
         };
         let group = Group {
             service: service.clone(),
@@ -176,7 +175,7 @@ impl Discovery for DiscoveryService {
             service = info.service,
             namespace = info.namespace,
             instance = info.instance,
-            address = %info.address,
+            address = info.address.map(tracing::field::display),
             healthy,
             "proxy subscribed"
         );
@@ -207,7 +206,9 @@ impl Discovery for DiscoveryService {
         self.authorize(request.extensions().get::<Caller>(), &service, &namespace)?;
         let report = request.into_inner();
         check_report(&report).map_err(Status::invalid_argument)?;
-        self.reports.add(&namespace, &report, Instant::now());
+        self.reports
+            .add(&namespace, &report, Instant::now())
+            .map_err(|full| Status::resource_exhausted(full.to_string()))?;
         metrics::counter!(telemetry::REPORTS).increment(1);
         Ok(Response::new(ReportResponse {}))
     }
@@ -217,12 +218,21 @@ impl Discovery for DiscoveryService {
 /// below what would let one sidecar crowd the statistics' memory.
 const MAX_REPORT_ENTRIES: usize = 10_000;
 const MAX_REPORT_MISMATCHES: usize = 32;
-const MAX_LATENCY_BOUNDS: usize = 64;
 const MAX_NAME_BYTES: usize = 253;
+/// Requests one entry may count per millisecond of its window: 100,000 a second, far
+/// above what one sidecar sends one backend, far below what would make a forged report
+/// outweigh every real one.
+const MAX_REQUESTS_PER_MS: u64 = 100;
 
 /// A report whose numbers cannot be true or whose size is out of bounds is refused
 /// whole, with the field path of the first problem.
 fn check_report(report: &ReportRequest) -> Result<(), String> {
+    if report.window_ms == 0 || report.window_ms > MAX_REPORT_WINDOW_MS {
+        return Err(format!(
+            "window_ms: {} must be 1 to {MAX_REPORT_WINDOW_MS} (an hour)",
+            report.window_ms
+        ));
+    }
     for (field, len) in [
         ("routes", report.routes.len()),
         ("shadows", report.shadows.len()),
@@ -234,7 +244,7 @@ fn check_report(report: &ReportRequest) -> Result<(), String> {
         }
     }
     for (index, route) in report.routes.iter().enumerate() {
-        check_route(route).map_err(|e| format!("routes[{index}].{e}"))?;
+        check_route(route, report.window_ms).map_err(|e| format!("routes[{index}].{e}"))?;
     }
     for (index, shadow) in report.shadows.iter().enumerate() {
         check_shadow(shadow).map_err(|e| format!("shadows[{index}].{e}"))?;
@@ -253,7 +263,7 @@ fn check_name(field: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_route(route: &RouteStats) -> Result<(), String> {
+fn check_route(route: &RouteStats, window_ms: u32) -> Result<(), String> {
     check_name("destination", &route.destination)?;
     check_name("route", &route.route)?;
     check_name("backend", &route.backend)?;
@@ -263,40 +273,39 @@ fn check_route(route: &RouteStats) -> Result<(), String> {
             route.successes, route.requests
         ));
     }
-    let (bounds, counts) = (&route.latency_bounds_seconds, &route.latency_bucket_counts);
-    if bounds.len() != counts.len() {
+    let most = u64::from(window_ms).saturating_mul(MAX_REQUESTS_PER_MS);
+    if route.requests > most {
         return Err(format!(
-            "latency_bucket_counts: {} latency bounds but {} bucket counts",
-            bounds.len(),
-            counts.len()
+            "requests: {} in a window of {window_ms} ms; at most {most} \
+             ({MAX_REQUESTS_PER_MS} per ms)",
+            route.requests
         ));
     }
-    if bounds.len() > MAX_LATENCY_BOUNDS {
+    // Windows add up bucket by bucket: only the bounds every sidecar uses can.
+    if route.latency_bounds_seconds != LATENCY_BOUNDS_SECONDS {
         return Err(format!(
-            "latency_bounds_seconds: {} bounds; at most {MAX_LATENCY_BOUNDS}",
-            bounds.len()
+            "latency_bounds_seconds: {} must be the fixed bounds {:?}",
+            describe_bounds(&route.latency_bounds_seconds),
+            LATENCY_BOUNDS_SECONDS
         ));
     }
-    let mut previous: Option<(f64, u64)> = None;
-    for (i, (&bound, &count)) in bounds.iter().zip(counts).enumerate() {
-        if !bound.is_finite() || bound < 0.0 {
+    let counts = &route.latency_bucket_counts;
+    if counts.len() != LATENCY_BOUNDS_SECONDS.len() {
+        return Err(format!(
+            "latency_bucket_counts: {} counts for {} latency bounds",
+            counts.len(),
+            LATENCY_BOUNDS_SECONDS.len()
+        ));
+    }
+    let mut previous: Option<u64> = None;
+    for (i, &count) in counts.iter().enumerate() {
+        if let Some(previous) = previous
+            && count < previous
+        {
             return Err(format!(
-                "latency_bounds_seconds[{i}]: {bound} is not a finite number of seconds ≥ 0"
+                "latency_bucket_counts[{i}]: {count} is less than the count before it \
+                 ({previous}); counts are cumulative"
             ));
-        }
-        if let Some((previous_bound, previous_count)) = previous {
-            if bound <= previous_bound {
-                return Err(format!(
-                    "latency_bounds_seconds[{i}]: {bound} does not exceed the bound before it \
-                     ({previous_bound})"
-                ));
-            }
-            if count < previous_count {
-                return Err(format!(
-                    "latency_bucket_counts[{i}]: {count} is less than the count before it \
-                     ({previous_count}); counts are cumulative"
-                ));
-            }
         }
         if count > route.requests {
             return Err(format!(
@@ -304,9 +313,17 @@ fn check_route(route: &RouteStats) -> Result<(), String> {
                 route.requests
             ));
         }
-        previous = Some((bound, count));
+        previous = Some(count);
     }
     Ok(())
+}
+
+/// Bounds from a report as an error shows them: the first few and how many.
+fn describe_bounds(bounds: &[f64]) -> String {
+    const SHOWN: usize = 4;
+    let first: Vec<String> = bounds.iter().take(SHOWN).map(f64::to_string).collect();
+    let more = if bounds.len() > SHOWN { ", ..." } else { "" };
+    format!("{} bounds [{}{more}]", bounds.len(), first.join(", "))
 }
 
 fn check_shadow(shadow: &ShadowStats) -> Result<(), String> {
@@ -515,8 +532,10 @@ mod tests {
             backend: "v1".into(),
             requests: 10,
             successes: 9,
-            latency_bounds_seconds: vec![0.01, 0.1],
-            latency_bucket_counts: vec![4, 10],
+            latency_bounds_seconds: LATENCY_BOUNDS_SECONDS.to_vec(),
+            // 4 by 10 ms, all 10 by 100 ms.
+            latency_bucket_counts: [0, 0, 0, 4, 4, 4, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10]
+                .to_vec(),
         }
     }
 
@@ -534,6 +553,7 @@ mod tests {
 
     fn with(routes: Vec<RouteStats>, shadows: Vec<ShadowStats>) -> ReportRequest {
         ReportRequest {
+            window_ms: 10_000,
             routes,
             shadows,
             ..ReportRequest::default()
@@ -549,31 +569,66 @@ mod tests {
         r.successes = 11;
         assert!(refused(with(vec![route(), r], vec![])).starts_with("routes[1].successes:"));
         let mut r = route();
-        r.latency_bucket_counts = vec![10, 4];
+        r.latency_bucket_counts[7] = 3;
         let error = refused(with(vec![r], vec![]));
         assert!(
-            error.starts_with("routes[0].latency_bucket_counts[1]:"),
+            error.starts_with("routes[0].latency_bucket_counts[7]: 3 is less than"),
             "{error}"
         );
         let mut r = route();
-        r.latency_bounds_seconds = vec![0.1, 0.1];
-        let error = refused(with(vec![r], vec![]));
-        assert!(
-            error.starts_with("routes[0].latency_bounds_seconds[1]:"),
-            "{error}"
-        );
-        let mut r = route();
-        r.latency_bounds_seconds = vec![f64::NAN, 0.1];
-        assert!(refused(with(vec![r], vec![])).contains("not a finite number"));
-        let mut r = route();
-        r.latency_bucket_counts = vec![4, 11];
+        r.latency_bucket_counts[15] = 11;
         assert!(refused(with(vec![r], vec![])).contains("more than the 10 requests"));
         let mut r = route();
         r.latency_bucket_counts.pop();
-        assert!(refused(with(vec![r], vec![])).contains("2 latency bounds but 1 bucket counts"));
+        let error = refused(with(vec![r], vec![]));
+        assert!(
+            error.starts_with("routes[0].latency_bucket_counts: 15 counts for 16"),
+            "{error}"
+        );
+        let mut r = route();
+        r.requests = u64::MAX;
+        let error = refused(with(vec![r], vec![]));
+        assert!(
+            error.starts_with(
+                "routes[0].requests: 18446744073709551615 in a window of 10000 ms; at most 1000000"
+            ),
+            "{error}"
+        );
+        let mut r = route();
+        r.requests = 1_000_000;
+        assert_eq!(check_report(&with(vec![r], vec![])), Ok(()), "at the cap");
         let mut r = route();
         r.backend = String::new();
         assert!(refused(with(vec![r], vec![])).starts_with("routes[0].backend:"));
+
+        // Only the sidecars' fixed bounds add up: any other set is refused by name.
+        for bounds in [
+            vec![0.01, 0.1],
+            vec![],
+            LATENCY_BOUNDS_SECONDS.map(|b| b * 2.0).to_vec(),
+            vec![f64::NAN; 16],
+        ] {
+            let mut r = route();
+            r.latency_bounds_seconds = bounds;
+            let error = refused(with(vec![route(), r], vec![]));
+            assert!(
+                error.starts_with("routes[1].latency_bounds_seconds: ")
+                    && error.contains("must be the fixed bounds [0.001, 0.0025"),
+                "{error}"
+            );
+        }
+
+        for window_ms in [0, MAX_REPORT_WINDOW_MS + 1] {
+            let report = ReportRequest {
+                window_ms,
+                ..with(vec![route()], vec![])
+            };
+            let error = refused(report);
+            assert!(
+                error.starts_with(&format!("window_ms: {window_ms} must be 1 to 3600000")),
+                "{error}"
+            );
+        }
 
         let error = refused(with(vec![route(); MAX_REPORT_ENTRIES + 1], vec![]));
         assert!(error.starts_with("routes: 10001 entries"), "{error}");

@@ -1,6 +1,7 @@
 //! The registry of running sidecars in universal mode: each subscribed proxy is an
-//! endpoint of its service while its stream is open and it reports healthy. The
-//! compiler reads endpoints from here; `trellisctl get proxies` reads config state.
+//! endpoint of its service while its stream is open and it reports healthy, but for
+//! one that gave no inbound address (a gateway: peers never call it). The compiler
+//! reads endpoints from here; `trellisctl get proxies` reads config state.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -24,7 +25,8 @@ pub struct ProxyInfo {
     pub namespace: String,
     pub instance: String,
     pub identity: SpiffeId,
-    pub address: SocketAddr,
+    /// Where peers reach it; none for a gateway, which is nobody's endpoint.
+    pub address: Option<SocketAddr>,
     pub labels: BTreeMap<String, String>,
     pub healthy: bool,
     pub proxy_version: String,
@@ -85,7 +87,8 @@ pub struct ProxyView {
     pub namespace: String,
     pub instance: String,
     pub identity: String,
-    pub address: SocketAddr,
+    /// None for a gateway.
+    pub address: Option<SocketAddr>,
     pub healthy: bool,
     pub proxy_version: String,
     pub connected_seconds: u64,
@@ -93,6 +96,23 @@ pub struct ProxyView {
     pub acked_version: Option<String>,
     pub nack: Option<Nack>,
     pub state: ConfigState,
+}
+
+/// A Hello's `inbound_address`: an `ip:port` peers can dial, or empty for a proxy
+/// peers never call (a gateway), which is then no endpoint.
+pub fn inbound_address(text: &str) -> Result<Option<SocketAddr>, String> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let address: SocketAddr = text
+        .parse()
+        .map_err(|e| format!("hello.inbound_address {text:?}: {e}"))?;
+    if address.ip().is_unspecified() || address.port() == 0 {
+        return Err(format!(
+            "hello.inbound_address {address} is not an address peers can dial"
+        ));
+    }
+    Ok(Some(address))
 }
 
 /// Handle of one registered proxy; the stream that owns it calls `leave` when it ends.
@@ -258,7 +278,7 @@ impl Registry {
         self.entries
             .lock()
             .values()
-            .map(|e| {
+            .filter_map(|e| {
                 let ProxyInfo {
                     service,
                     namespace,
@@ -269,15 +289,15 @@ impl Registry {
                     healthy,
                     proxy_version: _,
                 } = &e.info;
-                EndpointView {
+                Some(EndpointView {
                     service: service.clone(),
                     namespace: namespace.clone(),
                     instance: instance.clone(),
-                    address: *address,
+                    address: (*address)?,
                     identity: identity.to_string(),
                     labels: labels.clone(),
                     healthy: *healthy,
-                }
+                })
             })
             .collect()
     }
@@ -328,7 +348,7 @@ mod tests {
             namespace: "default".into(),
             instance: format!("{service}-{port}"),
             identity: SpiffeId::parse(&format!("spiffe://td/ns/default/sa/{service}")).unwrap(),
-            address: ([127, 0, 0, 1], port).into(),
+            address: Some(([127, 0, 0, 1], port).into()),
             labels: BTreeMap::new(),
             healthy: true,
             proxy_version: "test".into(),
@@ -411,5 +431,50 @@ mod tests {
         // Past the deadline only live instances remain.
         registry.remember(vec![old_a], Instant::now());
         assert_eq!(registry.endpoints().len(), 1);
+    }
+
+    #[test]
+    fn a_proxy_without_an_address_is_listed_but_is_no_endpoint() {
+        let registry = Registry::new(Arc::default());
+        let mut gateway = info("gateway", 0);
+        gateway.address = inbound_address("").unwrap();
+        registry.join(gateway);
+        registry.join(info("web", 1));
+        let endpoints: Vec<String> = registry
+            .endpoints()
+            .into_iter()
+            .map(|e| e.service)
+            .collect();
+        assert_eq!(endpoints, ["web"]);
+        let proxies = registry.proxies();
+        assert_eq!(proxies.len(), 2);
+        assert_eq!(
+            (proxies[0].service.as_str(), proxies[0].address),
+            ("gateway", None)
+        );
+        assert_eq!(
+            registry.groups().len(),
+            2,
+            "the gateway still gets its config"
+        );
+        let json = serde_json::to_value(&proxies[0]).unwrap();
+        assert!(json["address"].is_null(), "{json}");
+    }
+
+    #[test]
+    fn inbound_addresses_must_be_dialable_or_empty() {
+        assert_eq!(
+            inbound_address("127.0.0.1:15006").unwrap(),
+            Some(([127, 0, 0, 1], 15006).into())
+        );
+        assert_eq!(inbound_address("").unwrap(), None);
+        for (bad, needle) in [
+            ("0.0.0.0:15006", "is not an address peers can dial"),
+            ("127.0.0.1:0", "is not an address peers can dial"),
+            ("web:15006", "hello.inbound_address \"web:15006\""),
+        ] {
+            let error = inbound_address(bad).unwrap_err();
+            assert!(error.contains(needle), "{bad}: {error}");
+        }
     }
 }

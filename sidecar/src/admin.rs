@@ -32,8 +32,12 @@ use crate::{
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Listeners {
-    pub inbound: SocketAddr,
-    pub outbound: SocketAddr,
+    /// None in gateway mode, which has neither.
+    pub inbound: Option<SocketAddr>,
+    pub outbound: Option<SocketAddr>,
+    /// Gateway mode: where external clients call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<SocketAddr>,
     pub admin: SocketAddr,
     pub tcp_outbound: Vec<TcpListenerView>,
 }

@@ -1,7 +1,8 @@
 //! Command-line flags; each has a `TRELLIS_*` environment variable of the same name.
 
-use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, ffi::OsString, net::SocketAddr, path::PathBuf, time::Duration};
 
+use clap::{CommandFactory, FromArgMatches, error::ErrorKind, parser::ValueSource};
 use trellis_ca::TrustDomain;
 
 pub use crate::control::ControlPlaneAddr;
@@ -11,9 +12,18 @@ pub use crate::control::ControlPlaneAddr;
     name = "trellis-proxy",
     version,
     about = "The Trellis sidecar: carries a workload's traffic over mTLS with SPIFFE identities",
-    group(clap::ArgGroup::new("mode").required(true).args(["config", "control_plane"]))
+    group(clap::ArgGroup::new("source").required(true).args(["config", "control_plane"]))
 )]
 pub struct Args {
+    /// `sidecar`: beside one app, with inbound and outbound listeners. `gateway`: the
+    /// mesh's edge, routing external HTTP on `--listen` by its own service's routes.
+    #[arg(long, env = "TRELLIS_MODE", value_enum, default_value_t = Mode::Sidecar)]
+    pub mode: Mode,
+
+    /// Gateway mode only: the plain HTTP/1.1 and h2c listener external clients call.
+    #[arg(long, env = "TRELLIS_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
     /// The local workload's service name (metrics labels, logs).
     #[arg(long, env = "TRELLIS_SERVICE")]
     pub service: String,
@@ -22,9 +32,10 @@ pub struct Args {
     #[arg(long, env = "TRELLIS_NAMESPACE", default_value = "default")]
     pub namespace: String,
 
-    /// Where the local app listens; inbound traffic is forwarded there.
-    #[arg(long, env = "TRELLIS_APP_ADDR")]
-    pub app_addr: SocketAddr,
+    /// Where the local app listens; inbound traffic is forwarded there. Required in
+    /// sidecar mode; a gateway fronts no app.
+    #[arg(long, env = "TRELLIS_APP_ADDR", value_name = "ADDR")]
+    pub app_addr: Option<SocketAddr>,
 
     /// What the local app speaks: `http` (HTTP/1.1 or h2c; raw TCP to it is refused, so
     /// no peer can forge `x-trellis-peer-id` inside a raw stream) or `tcp` (anything; raw
@@ -200,6 +211,118 @@ pub enum LogFormat {
     Text,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Sidecar,
+    Gateway,
+}
+
+/// What the proxy fronts, as `--mode` and the flags that go with it say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Beside the app at `app_addr`.
+    Sidecar { app_addr: SocketAddr },
+    /// The mesh's edge, taking external requests on `listen`.
+    Gateway { listen: SocketAddr },
+}
+
+/// A flag that is missing or out of place for the `--mode` given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct FlagError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl FlagError {
+    fn missing(message: &str) -> Self {
+        Self {
+            kind: ErrorKind::MissingRequiredArgument,
+            message: message.into(),
+        }
+    }
+
+    fn conflict(message: String) -> Self {
+        Self {
+            kind: ErrorKind::ArgumentConflict,
+            message,
+        }
+    }
+}
+
+/// Flags (by clap id) a gateway has no use for: it fronts no app and peers never call it.
+const SIDECAR_ONLY: &[(&str, &str)] = &[
+    ("app_addr", "--app-addr"),
+    ("app_protocol", "--app-protocol"),
+    ("inbound_addr", "--inbound-addr"),
+    ("outbound_addr", "--outbound-addr"),
+    ("detect_timeout", "--detect-timeout"),
+    ("advertise_addr", "--advertise-addr"),
+];
+
+impl Args {
+    /// `Args::parse` plus what clap's attributes cannot say: which flags each `--mode`
+    /// takes. A bad combination exits 2 naming the flag, as clap's own errors do.
+    pub fn parse_checked() -> Self {
+        Self::try_parse_checked_from(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    pub fn try_parse_checked_from<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let mut command = Self::command();
+        let matches = command.try_get_matches_from_mut(args)?;
+        let parsed = Self::from_arg_matches(&matches).map_err(|e| e.format(&mut command))?;
+        // A default is no choice of the user's; only a flag or variable they set is
+        // refused.
+        let given = |id: &str| {
+            matches!(
+                matches.value_source(id),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            )
+        };
+        if parsed.mode == Mode::Gateway
+            && let Some((_, flag)) = SIDECAR_ONLY.iter().find(|(id, _)| given(id))
+        {
+            return Err(command.error(
+                ErrorKind::ArgumentConflict,
+                format!(
+                    "{flag} is for --mode sidecar: a gateway fronts no app and peers never \
+                     call it"
+                ),
+            ));
+        }
+        parsed
+            .role()
+            .map_err(|e| command.error(e.kind, e.message))?;
+        Ok(parsed)
+    }
+
+    /// The role the flags give, or which flag is missing or out of place.
+    pub fn role(&self) -> Result<Role, FlagError> {
+        match (self.mode, self.app_addr, self.listen) {
+            (Mode::Sidecar, _, Some(_)) => Err(FlagError::conflict(
+                "--listen is the gateway's listener: give --mode gateway with it (a \
+                 sidecar's app calls --outbound-addr)"
+                    .into(),
+            )),
+            (Mode::Sidecar, Some(app_addr), None) => Ok(Role::Sidecar { app_addr }),
+            (Mode::Sidecar, None, None) => Err(FlagError::missing(
+                "--app-addr is required in sidecar mode: where the local app listens",
+            )),
+            (Mode::Gateway, _, None) => Err(FlagError::missing(
+                "--mode gateway needs --listen ADDR: the listener external clients call",
+            )),
+            (Mode::Gateway, Some(_), Some(_)) => Err(FlagError::conflict(
+                "--app-addr is for --mode sidecar: a gateway fronts no app".into(),
+            )),
+            (Mode::Gateway, None, Some(listen)) => Ok(Role::Gateway { listen }),
+        }
+    }
+}
+
 fn duration(s: &str) -> Result<Duration, String> {
     trellis_api::duration::parse(s).map_err(|e| e.to_string())
 }
@@ -313,6 +436,73 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("--control-plane"), "{error}");
+    }
+
+    #[test]
+    fn gateway_mode_takes_listen_and_refuses_what_only_a_sidecar_uses() {
+        let checked = |extra: &[&str]| {
+            let base = ["trellis-proxy", "--service", "edge"];
+            Args::try_parse_checked_from(base.iter().chain(CONTROL).chain(extra))
+        };
+        let gateway = checked(&["--mode", "gateway", "--listen", "127.0.0.1:8080"]).unwrap();
+        assert_eq!(
+            gateway.role().unwrap(),
+            Role::Gateway {
+                listen: "127.0.0.1:8080".parse().unwrap()
+            }
+        );
+        let sidecar = checked(&["--app-addr", "127.0.0.1:9"]).unwrap();
+        assert_eq!(sidecar.mode, Mode::Sidecar);
+        assert_eq!(
+            sidecar.role().unwrap(),
+            Role::Sidecar {
+                app_addr: "127.0.0.1:9".parse().unwrap()
+            }
+        );
+
+        let gateway_with = |extra: &[&'static str]| {
+            [
+                &["--mode", "gateway", "--listen", "127.0.0.1:8080"][..],
+                extra,
+            ]
+            .concat()
+        };
+        use ErrorKind::{ArgumentConflict, InvalidValue, MissingRequiredArgument};
+        let cases = [
+            (
+                vec!["--mode", "gateway"],
+                "--listen",
+                MissingRequiredArgument,
+            ),
+            (
+                vec!["--app-addr", "127.0.0.1:9", "--listen", "127.0.0.1:8080"],
+                "--listen",
+                ArgumentConflict,
+            ),
+            (vec![], "--app-addr", MissingRequiredArgument),
+            (
+                gateway_with(&["--app-addr", "127.0.0.1:9"]),
+                "--app-addr",
+                ArgumentConflict,
+            ),
+            (
+                gateway_with(&["--inbound-addr", "127.0.0.1:0"]),
+                "--inbound-addr",
+                ArgumentConflict,
+            ),
+            (
+                gateway_with(&["--advertise-addr", "127.0.0.1:7"]),
+                "--advertise-addr",
+                ArgumentConflict,
+            ),
+            (vec!["--mode", "edge"], "edge", InvalidValue),
+        ];
+        for (extra, needle, kind) in cases {
+            let error = checked(&extra).unwrap_err();
+            assert_eq!(error.kind(), kind, "{extra:?}: {error}");
+            assert_eq!(error.exit_code(), 2);
+            assert!(error.to_string().contains(needle), "{extra:?}: {error}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `trellis-sidecar` owns the data path of `trellis-proxy`: the outbound listener
-//! the local app calls, the inbound mTLS listener peers call, protocol detection,
+//! the local app calls, the inbound mTLS listener peers call, the ingress gateway's
+//! listener (`--mode gateway`), protocol detection,
 //! load balancing, the admin server, the proxy's telemetry, the traffic ledger it
 //! reports and, in control-plane mode,
 //! the client that fetches its certificate and config.
@@ -11,6 +12,7 @@
 pub mod admin;
 pub mod args;
 pub mod control;
+pub mod gateway;
 pub mod http;
 pub mod identity;
 pub mod inbound;

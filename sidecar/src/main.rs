@@ -4,11 +4,10 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use trellis_sidecar::{args::Args, telemetry};
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = Args::parse_checked();
     if let Err(e) = telemetry::init_logging(args.log_format, &args.log) {
         eprintln!("trellis-proxy: {e}");
         return ExitCode::from(2);

@@ -1,6 +1,7 @@
 //! Wires the proxy together: load identity and config (static mode) or prepare to
-//! fetch them (control-plane mode), bind every listener, start the control loop, serve
-//! until SIGTERM, SIGINT or `POST /shutdown`, then drain.
+//! fetch them (control-plane mode), bind every listener (a sidecar's inbound and
+//! outbound, or a gateway's external one), start the control loop, serve until
+//! SIGTERM, SIGINT or `POST /shutdown`, then drain.
 
 use std::{
     net::SocketAddr,
@@ -18,8 +19,9 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     admin::{Admin, Listeners, TcpListenerView},
-    args::Args,
+    args::{Args, FlagError, Role},
     control::{ControlPlane, SetupError},
+    gateway::Gateway,
     http::serve_connection,
     identity,
     inbound::Inbound,
@@ -31,6 +33,8 @@ use crate::{
 pub enum ProxyError {
     #[error("give exactly one of --config (static mode) and --control-plane")]
     Mode,
+    #[error("{0}")]
+    Flags(#[from] FlagError),
     #[error("--config: {0}")]
     Config(#[from] crate::static_config::StaticConfigError),
     #[error("{0}")]
@@ -71,10 +75,13 @@ fn local(listener: &TcpListener) -> SocketAddr {
 }
 
 pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError> {
+    let role = args.role()?;
     let Args {
+        mode: _,
+        listen: _,
         service,
         namespace,
-        app_addr,
+        app_addr: _,
         app_protocol,
         inbound_addr,
         outbound_addr,
@@ -88,6 +95,10 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
         idle_timeout,
         detect_timeout,
     } = args;
+    let app_addr = match role {
+        Role::Sidecar { app_addr } => Some(app_addr),
+        Role::Gateway { .. } => None,
+    };
     let (creds, proxy_config, tcp_outbound, control) =
         match (config, control_args.control_plane.is_some()) {
             (Some(path), false) => {
@@ -115,16 +126,28 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
         tracing::warn!(%admin_addr, "the admin server is reachable from off this host");
     }
 
-    let inbound_listener = bind("inbound", inbound_addr).await?;
-    let outbound_listener = bind("outbound", outbound_addr).await?;
+    // A sidecar listens for its peers and its app; a gateway for external clients only.
+    let (data_listeners, gateway_listener) = match role {
+        Role::Sidecar { app_addr } => {
+            let inbound = bind("inbound", inbound_addr).await?;
+            let outbound = bind("outbound", outbound_addr).await?;
+            (Some((inbound, outbound, app_addr)), None)
+        }
+        Role::Gateway { listen } => (None, Some(bind("gateway", listen).await?)),
+    };
     let admin_listener = bind("admin", admin_addr).await?;
     let mut tcp_listeners = Vec::new();
     for tcp in &tcp_outbound {
         tcp_listeners.push((bind("tcpOutbound", tcp.listen).await?, tcp.service.clone()));
     }
     let listeners = Listeners {
-        inbound: local(&inbound_listener),
-        outbound: local(&outbound_listener),
+        inbound: data_listeners
+            .as_ref()
+            .map(|(inbound, _, _)| local(inbound)),
+        outbound: data_listeners
+            .as_ref()
+            .map(|(_, outbound, _)| local(outbound)),
+        gateway: gateway_listener.as_ref().map(local),
         admin: local(&admin_listener),
         tcp_outbound: tcp_listeners
             .iter()
@@ -135,15 +158,21 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
             .collect(),
     };
 
-    let inbound = Arc::new(Inbound::new(
-        service.clone(),
-        app_addr,
-        app_protocol,
-        detect_timeout,
-        idle_timeout,
-        destinations.clone(),
-        &creds,
-    )?);
+    let sidecar = match data_listeners {
+        Some((inbound_listener, outbound_listener, app_addr)) => {
+            let inbound = Inbound::new(
+                service.clone(),
+                app_addr,
+                app_protocol,
+                detect_timeout,
+                idle_timeout,
+                destinations.clone(),
+                &creds,
+            )?;
+            Some((Arc::new(inbound), inbound_listener, outbound_listener))
+        }
+        None => None,
+    };
     let outbound = Arc::new(Outbound::new(service.clone(), destinations.clone()));
     let shutdown = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -160,16 +189,13 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
     });
     tokio::spawn(admin.serve(admin_listener));
 
-    {
-        let inbound = inbound.clone();
+    if let Some((inbound, inbound_listener, outbound_listener)) = sidecar {
         tracker.spawn(accept_loop(
             inbound_listener,
             shutdown.clone(),
             tracker.clone(),
             move |tcp, drain| inbound.clone().serve(tcp, drain),
         ));
-    }
-    {
         let service = OutboundService(outbound.clone());
         tracker.spawn(accept_loop(
             outbound_listener,
@@ -179,6 +205,20 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
                 let _ = tcp.set_nodelay(true);
                 serve_connection(tcp, service.clone(), drain, idle_timeout)
             },
+        ));
+    }
+    if let Some(listener) = gateway_listener {
+        let gateway = Arc::new(Gateway::new(
+            service.clone(),
+            outbound.clone(),
+            destinations.clone(),
+            idle_timeout,
+        ));
+        tracker.spawn(accept_loop(
+            listener,
+            shutdown.clone(),
+            tracker.clone(),
+            move |tcp, drain| gateway.clone().serve(tcp, drain),
         ));
     }
     for (listener, tcp_service) in tcp_listeners {
@@ -200,8 +240,9 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
     // Tests and tooling read this line to learn the bound ports.
     tracing::info!(
         service,
-        inbound = %listeners.inbound,
-        outbound = %listeners.outbound,
+        inbound = listeners.inbound.map(tracing::field::display),
+        outbound = listeners.outbound.map(tracing::field::display),
+        gateway = listeners.gateway.map(tracing::field::display),
         admin = %listeners.admin,
         tcp_outbound = ?listeners.tcp_outbound.iter().map(|t| (t.service.as_str(), t.listen)).collect::<Vec<_>>(),
         "listening"
@@ -217,6 +258,7 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
     });
 
     let mut failure = None;
+    let mut control_ended = false;
     tokio::select! {
         name = signals.next() => tracing::info!(signal = name, "shutting down"),
         () = shutdown.cancelled() => tracing::info!("shutting down on request"),
@@ -229,6 +271,7 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
             };
             tracing::error!(reason, "the control-plane task stopped; shutting down");
             failure = Some(ProxyError::ControlTask(reason));
+            control_ended = true;
         }
     }
     shutdown.cancel();
@@ -244,9 +287,21 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
             tracing::warn!(signal = name, cut = tracker.len(), "second signal: not waiting for the drain");
         }
     }
+    // The control task sends the last traffic report as it stops: give it a moment
+    // before the runtime goes, or that window never reaches the control plane.
+    if let Some(task) = control_task.as_mut().filter(|_| !control_ended)
+        && tokio::time::timeout(CONTROL_STOP_TIMEOUT, task)
+            .await
+            .is_err()
+    {
+        tracing::warn!(timeout = ?CONTROL_STOP_TIMEOUT, "the control-plane task did not stop in time");
+    }
     tracing::info!("stopped");
     failure.map_or(Ok(()), Err)
 }
+
+/// How long a stopping proxy waits for its control-plane task's last report.
+const CONTROL_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Waits for a task to end; forever when there is none.
 async fn until_ended(task: &mut Option<JoinHandle<()>>) -> Result<(), tokio::task::JoinError> {

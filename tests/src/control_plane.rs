@@ -218,6 +218,34 @@ impl ControlPlane {
         }
     }
 
+    /// Starts `trellis-proxy --mode gateway` for `service` in control-plane mode,
+    /// listening on a free loopback port; returns once it has listeners.
+    pub async fn gateway(&self, service: &str) -> MeshGateway {
+        let token = self.join_token_file(service, "1h").await;
+        let mut command = Command::new(crate::mesh::proxy_binary());
+        command
+            .args(["--mode", "gateway"])
+            .args(["--service", service])
+            .args(["--listen", "127.0.0.1:0"])
+            .args(["--admin-addr", "127.0.0.1:0"])
+            .args(["--control-plane", &self.grpc.to_string()])
+            .arg("--trust-anchors")
+            .arg(self.trust_anchors())
+            .arg("--join-token-file")
+            .arg(token)
+            .args(["--heartbeat-interval", "1s"])
+            .args(["--log-format", "json"]);
+        let mut process = Process::spawn(&format!("trellis-proxy gateway {service}"), command);
+        let listening = process.listening(service);
+        let addr = |field: &str| addr_field(&listening, field);
+        MeshGateway {
+            listen: addr("gateway"),
+            admin: addr("admin"),
+            service: service.to_string(),
+            process,
+        }
+    }
+
     /// The command line of a sidecar in control-plane mode.
     pub fn sidecar_command(&self, spec: &MeshSidecarSpec, token: &Path) -> Command {
         let labels = spec
@@ -306,6 +334,15 @@ pub struct MeshSidecar {
     pub service: String,
     pub inbound: SocketAddr,
     pub outbound: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// An ingress gateway (`trellis-proxy --mode gateway`) in control-plane mode.
+pub struct MeshGateway {
+    pub process: Process,
+    pub service: String,
+    /// Where external clients call it (plain HTTP/1.1 and h2c).
+    pub listen: SocketAddr,
     pub admin: SocketAddr,
 }
 

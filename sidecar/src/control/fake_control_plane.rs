@@ -278,7 +278,8 @@ async fn certify_subscribe_answer_renew_reconnect_and_stop() {
         report_interval: Duration::from_secs(10),
         cert_ttl: Some(LEAF_TTL),
     };
-    let control = ControlPlane::new(args, "payment", "shop", app.local_addr().unwrap()).unwrap();
+    let control =
+        ControlPlane::new(args, "payment", "shop", Some(app.local_addr().unwrap())).unwrap();
     let creds = control.credentials().clone();
     assert!(creds.svid().is_none());
     let destinations = Arc::new(ArcSwap::from_pointee(
@@ -287,7 +288,7 @@ async fn certify_subscribe_answer_renew_reconnect_and_stop() {
     let ready = Arc::new(AtomicBool::new(false));
     let shutdown = CancellationToken::new();
     let task = control.spawn(
-        "0.0.0.0:15006".parse().unwrap(),
+        Some("0.0.0.0:15006".parse().unwrap()),
         destinations.clone(),
         ready.clone(),
         shutdown.clone(),
@@ -422,7 +423,7 @@ fn a_token_for_another_service_stops_the_start() {
             cert_ttl: None,
         }
     };
-    let app = "127.0.0.1:9".parse().unwrap();
+    let app = Some("127.0.0.1:9".parse().unwrap());
     let error = ControlPlane::new(args(&join_token("order")), "payment", "shop", app)
         .unwrap_err()
         .to_string();
@@ -446,4 +447,61 @@ fn a_token_for_another_service_stops_the_start() {
     let ok = ControlPlane::new(args(&join_token("payment")), "payment", "shop", app).unwrap();
     assert_eq!(ok.id.as_str(), PAYMENT);
     assert_eq!(ok.server_id.as_str(), SERVER);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_says_hello_with_no_address_and_stays_healthy_without_an_app() {
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (addr, anchors) = control_plane(events_tx).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("anchors.pem"), anchors).unwrap();
+    std::fs::write(dir.path().join("token"), join_token("payment")).unwrap();
+    let args = ControlPlaneArgs {
+        control_plane: Some(format!("https://{addr}").parse().unwrap()),
+        trust_anchors: Some(dir.path().join("anchors.pem")),
+        join_token_file: Some(dir.path().join("token")),
+        trust_domain: None,
+        labels: None,
+        instance: None,
+        advertise_addr: None,
+        heartbeat_interval: Duration::from_millis(100),
+        report_interval: Duration::from_secs(10),
+        cert_ttl: Some(LEAF_TTL),
+    };
+    let control = ControlPlane::new(args, "payment", "shop", None).unwrap();
+    let destinations = Arc::new(ArcSwap::from_pointee(
+        Destinations::compile(ProxyConfig::default(), control.credentials()).unwrap(),
+    ));
+    let shutdown = CancellationToken::new();
+    let task = control.spawn(
+        None,
+        destinations,
+        Arc::new(AtomicBool::new(false)),
+        shutdown.clone(),
+    );
+    let hello = next_event(&mut events, "Hello", |e| match e {
+        Event::Subscribed(hello) => Some(hello),
+        _ => None,
+    })
+    .await;
+    assert_eq!(hello.inbound_address, "", "peers never call a gateway");
+    assert!(hello.healthy, "no app to be unhealthy");
+    let beats: Vec<bool> = next_heartbeats(&mut events, 3).await;
+    assert!(beats.iter().all(|healthy| *healthy), "{beats:?}");
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
+}
+
+/// The health the next `n` heartbeats report.
+async fn next_heartbeats(events: &mut mpsc::UnboundedReceiver<Event>, n: usize) -> Vec<bool> {
+    let mut beats = Vec::new();
+    while beats.len() < n {
+        let healthy = next_event(events, "heartbeat", |e| match e {
+            Event::Answer(Kind::Heartbeat(h)) => Some(h.healthy),
+            _ => None,
+        })
+        .await;
+        beats.push(healthy);
+    }
+    beats
 }

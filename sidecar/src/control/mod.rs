@@ -128,7 +128,8 @@ pub struct ControlPlane {
     advertise_addr: Option<SocketAddr>,
     heartbeat_interval: Duration,
     report_interval: Duration,
-    app_addr: SocketAddr,
+    /// None for a gateway: no app, so always healthy.
+    app_addr: Option<SocketAddr>,
 }
 
 // === impl ControlPlane ===
@@ -138,7 +139,7 @@ impl ControlPlane {
         args: ControlPlaneArgs,
         service: &str,
         namespace: &str,
-        app_addr: SocketAddr,
+        app_addr: Option<SocketAddr>,
     ) -> Result<Self, SetupError> {
         let ControlPlaneArgs {
             control_plane,
@@ -208,12 +209,13 @@ impl ControlPlane {
 
     /// Starts the control loop: certificates (first and renewals), the app health
     /// probe and the Discovery stream. `inbound` is the bound inbound listener, the
-    /// address advertised to peers unless `--advertise-addr` says otherwise.
+    /// address advertised to peers unless `--advertise-addr` says otherwise; a gateway
+    /// has none and advertises none, so it is never made anyone's endpoint.
     /// `config_ready` turns true with the first config applied. The task ends on
     /// `shutdown`, closing the stream so the control plane withdraws this instance.
     pub fn spawn(
         self,
-        inbound: SocketAddr,
+        inbound: Option<SocketAddr>,
         destinations: Arc<ArcSwap<Destinations>>,
         config_ready: Arc<AtomicBool>,
         shutdown: CancellationToken,
@@ -234,7 +236,8 @@ impl ControlPlane {
             report_interval,
             app_addr,
         } = self;
-        let advertise = advertise_addr.unwrap_or_else(|| advertised(inbound));
+        let advertise =
+            inbound.map(|inbound| advertise_addr.unwrap_or_else(|| advertised(inbound)));
         let certifier = certify::Certifier {
             addr: addr.clone(),
             creds: creds.clone(),
@@ -269,12 +272,19 @@ impl ControlPlane {
             channel: channel_tx,
         };
         let (issued_tx, issued_rx) = watch::channel(false);
-        let (health_tx, health_rx) = watch::channel(false);
+        // Without an app there is nothing to be unhealthy about.
+        let (health_tx, health_rx) = watch::channel(app_addr.is_none());
         let probe_every = heartbeat_interval.min(subscribe::PROBE_INTERVAL);
+        let probe_shutdown = shutdown.clone();
+        let probe = async move {
+            if let Some(app_addr) = app_addr {
+                subscribe::probe_app(app_addr, probe_every, health_tx, probe_shutdown).await;
+            }
+        };
         tokio::spawn(async move {
             tokio::join!(
                 certifier.run(issued_tx, shutdown.clone()),
-                subscribe::probe_app(app_addr, probe_every, health_tx, shutdown.clone()),
+                probe,
                 subscriber.run(issued_rx, health_rx, shutdown.clone()),
                 reporter.run(shutdown.clone()),
             );
@@ -500,7 +510,7 @@ mod tests {
             report_interval: Duration::from_secs(10),
             cert_ttl: None,
         };
-        let app = "127.0.0.1:9".parse().unwrap();
+        let app = Some("127.0.0.1:9".parse().unwrap());
         let missing = dir.path().join("missing.pem");
         let error = ControlPlane::new(args(&missing, &missing), "a", "default", app)
             .unwrap_err()

@@ -50,7 +50,8 @@ pub(crate) struct HelloInfo {
     pub(crate) namespace: String,
     pub(crate) instance: String,
     pub(crate) labels: std::collections::BTreeMap<String, String>,
-    pub(crate) advertise: SocketAddr,
+    /// Where peers reach this proxy; none for a gateway, which peers never call.
+    pub(crate) advertise: Option<SocketAddr>,
 }
 
 #[derive(Debug)]
@@ -148,7 +149,7 @@ impl Subscriber {
         tracing::info!(
             control_plane = %self.addr,
             instance = self.hello.instance,
-            advertise = %self.hello.advertise,
+            advertise = self.hello.advertise.map(tracing::field::display),
             healthy,
             "subscribed to the control plane"
         );
@@ -202,7 +203,8 @@ impl Subscriber {
             namespace: namespace.clone(),
             instance: instance.clone(),
             labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-            inbound_address: advertise.to_string(),
+            // Empty: the control plane makes this proxy nobody's endpoint.
+            inbound_address: advertise.map(|a| a.to_string()).unwrap_or_default(),
             healthy,
             proxy_version: env!("CARGO_PKG_VERSION").to_string(),
         }

@@ -87,6 +87,18 @@ impl RateLimiter {
         caller: Option<&SpiffeId>,
         now: Instant,
     ) -> Result<(), Duration> {
+        // Callers without an identity (plaintext, PERMISSIVE mode) share one bucket.
+        self.admit_source(config, caller.map_or("", SpiffeId::as_str), now)
+    }
+
+    /// `admit` for a caller known by `source`: its SPIFFE id, or at the gateway its
+    /// client address; with `perSource` each source gets its own bucket.
+    pub fn admit_source(
+        &self,
+        config: Option<&RateLimitConfig>,
+        source: &str,
+        now: Instant,
+    ) -> Result<(), Duration> {
         let Some(config) = config else {
             return Ok(());
         };
@@ -103,8 +115,7 @@ impl RateLimiter {
         if !config.per_source {
             return state.shared.take(config, now);
         }
-        // Callers without an identity (plaintext, PERMISSIVE mode) share one bucket.
-        let key = caller.map_or("", SpiffeId::as_str);
+        let key = source;
         if let Some(bucket) = state.by_source.get_mut(key) {
             return bucket.take(config, now);
         }

@@ -34,7 +34,7 @@ use crate::{
         forward_upgrade, host_of, is_upgrade, mesh_error, retarget, strip_hop_by_hop,
         strip_hop_by_hop_keeping_upgrade,
     },
-    telemetry::{self, Direction},
+    telemetry::{self, Direction, RouteOutcome},
 };
 use connect::ConnectError;
 use destinations::{Destinations, Endpoint};
@@ -60,16 +60,31 @@ impl Outbound {
         }
     }
 
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<OutboundBody> {
+    async fn handle(&self, req: Request<Incoming>) -> Response<OutboundBody> {
+        self.handle_to(req, None).await
+    }
+
+    /// Sends `req` on. `to: None` takes the destination from its authority; `Some(name)`
+    /// routes it by the routes of service `name` whatever it is addressed to, and sends
+    /// it with the chosen backend's service as authority (the gateway: its own name
+    /// means nothing to the backend).
+    pub async fn handle_to(
+        &self,
+        mut req: Request<Incoming>,
+        to: Option<&str>,
+    ) -> Response<OutboundBody> {
         let start = Instant::now();
         let request_id = telemetry::correlate(req.headers_mut());
         let method = req.method().clone();
         let path = req.uri().path().to_string();
         let authority = authority_of(&req).map(str::to_string);
         let destinations = self.destinations.load();
-        let destination = authority
-            .as_deref()
-            .and_then(|a| destinations.resolve(host_of(a)));
+        let destination = match to {
+            Some(name) => destinations.get(name),
+            None => authority
+                .as_deref()
+                .and_then(|a| destinations.resolve(host_of(a))),
+        };
 
         let mut route_name = None;
         let mut subset = None;
@@ -80,7 +95,16 @@ impl Outbound {
                 let (route, backend) = destination.route(&req);
                 route_name = route.map(|r| r.name.as_str());
                 subset = backend.subset.as_deref();
-                served = Some((destination.name.as_str(), backend));
+                served = Some(RouteRecord {
+                    service: &self.service,
+                    // Counted for the service that serves it: a rule of `gateway` (or of
+                    // any service) that sends to `storefront` is traffic to storefront.
+                    destination: &backend.service,
+                    route: route_name.unwrap_or(DEFAULT_ROUTE),
+                    backend,
+                    start,
+                    recorded: false,
+                });
                 let deadline = route
                     .and_then(|r| r.timeout)
                     .and_then(|t| Some((start.checked_add(t)?, t)));
@@ -115,6 +139,10 @@ impl Outbound {
                         }),
                         None => None,
                     };
+                    let authority = match to {
+                        Some(_) => backend.service.as_str(),
+                        None => authority,
+                    };
                     forward(route, backend, deadline, req, authority, shadow).await
                 };
                 (response, backend.service.as_str(), peer_id)
@@ -140,13 +168,12 @@ impl Outbound {
             response.status(),
             elapsed,
         );
-        if let Some((destination, backend)) = served {
-            telemetry::record_route_backend(
-                destination,
-                route_name.unwrap_or(DEFAULT_ROUTE),
-                backend.label(),
-                response.status(),
-                response.headers().contains_key(crate::http::TRELLIS_ERROR),
+        if let Some(served) = served {
+            served.answered(
+                RouteOutcome::Answered {
+                    status: response.status(),
+                    mesh_error: response.headers().contains_key(crate::http::TRELLIS_ERROR),
+                },
                 elapsed,
             );
         }
@@ -205,6 +232,61 @@ impl Outbound {
                 tracing::debug!(%error, service, "outbound TCP stream ended with an error")
             }
         }
+    }
+}
+
+/// Enters one routed request in the route and backend counts exactly once: with its
+/// response, or, when the handler is dropped first (the client reset the stream or
+/// hung up), on drop as a failure with the time it had taken. Without it a backend so
+/// slow that clients give up would not count at all, and look healthy to a canary.
+struct RouteRecord<'a> {
+    service: &'a str,
+    destination: &'a str,
+    route: &'a str,
+    backend: &'a Backend,
+    start: Instant,
+    recorded: bool,
+}
+
+impl RouteRecord<'_> {
+    fn answered(mut self, outcome: RouteOutcome, elapsed: Duration) {
+        self.recorded = true;
+        telemetry::record_route_backend(
+            self.destination,
+            self.route,
+            self.backend.label(),
+            outcome,
+            elapsed,
+        );
+    }
+}
+
+impl Drop for RouteRecord<'_> {
+    fn drop(&mut self) {
+        if self.recorded {
+            return;
+        }
+        let elapsed = self.start.elapsed();
+        telemetry::record_request(
+            Direction::Outbound,
+            self.service,
+            &self.backend.service,
+            telemetry::CLIENT_CLOSED,
+            elapsed,
+        );
+        telemetry::record_route_backend(
+            self.destination,
+            self.route,
+            self.backend.label(),
+            RouteOutcome::ClientGone,
+            elapsed,
+        );
+        tracing::debug!(
+            destination = self.destination,
+            route = self.route,
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            "the client went away before the response; counted as a failure"
+        );
     }
 }
 
