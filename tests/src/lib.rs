@@ -9,6 +9,7 @@
 pub mod apps;
 pub mod client;
 pub mod control_plane;
+pub mod marketplace;
 pub mod mesh;
 /// The CA crate's own test PKI (operator-style root + intermediate that can also
 /// forge leaves), shared rather than written twice.

@@ -7,6 +7,8 @@
 
 mod canary;
 mod control_plane;
+mod gateway;
+mod marketplace;
 mod sidecar_admin;
 mod sidecar_breaker;
 mod sidecar_bulkheads;
