@@ -76,6 +76,24 @@ pub enum Command {
     Check,
     /// Steer a canary: pause or resume its progress, promote or abort it now.
     Canary(CanaryArgs),
+    /// Run the marketplace inside a mesh on this machine and show it live.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DemoArgs {
+    /// Run this long without the live view, then print a summary and exit 0 only if
+    /// the mesh behaved as the scenario expects, e.g. 60s [default: until Ctrl-C].
+    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    pub duration: Option<Duration>,
+
+    /// Also write the summary as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub summary_json: Option<PathBuf>,
+
+    /// Customer requests per second through the gateway.
+    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u32).range(1..=2000))]
+    pub rate: u32,
 }
 
 #[derive(Debug, Clone, clap::Args)]

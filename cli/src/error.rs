@@ -82,6 +82,9 @@ pub enum CliError {
     #[error("{0}")]
     Usage(String),
 
+    #[error("demo: {0}")]
+    Demo(String),
+
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
 }

@@ -10,6 +10,7 @@ pub mod args;
 pub mod checks;
 pub mod commands;
 pub mod connection;
+pub mod demo;
 pub mod error;
 pub mod kinds;
 pub mod manifests;
@@ -37,6 +38,8 @@ pub use crate::{
 pub struct GivenOrigins {
     pub api_addr: Origin,
     pub token: Origin,
+    /// Whether `--data-dir` (or its variable) was given rather than defaulted.
+    pub data_dir_given: bool,
 }
 
 impl GivenOrigins {
@@ -53,9 +56,19 @@ impl GivenOrigins {
             }
             Origin::Flag(flag)
         };
+        let mut data_dir_given = false;
+        let mut level = Some(matches);
+        while let Some(m) = level {
+            data_dir_given |= matches!(
+                m.value_source("data_dir"),
+                Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+            );
+            level = m.subcommand().map(|(_, sub)| sub);
+        }
         Self {
             api_addr: origin("api_addr", "--api-addr", "TRELLIS_API_ADDR"),
             token: origin("token", "--token", "TRELLIS_API_TOKEN"),
+            data_dir_given,
         }
     }
 }
@@ -99,6 +112,28 @@ pub fn run(cli: Cli, origins: GivenOrigins, stdin: &mut dyn Read) -> Result<Outc
             let api = Api::new(endpoint(connection, origins)?);
             runtime.block_on(commands::canary(&api, args))
         }
+        Command::Demo(args) => {
+            let args::DemoArgs {
+                duration,
+                summary_json,
+                rate,
+            } = args;
+            let options = demo::DemoOptions {
+                // The demo's state goes in a temporary folder unless a data dir is given.
+                data_dir: origins.data_dir_given.then_some(connection.data_dir),
+                duration,
+                summary_json,
+                rate,
+            };
+            // The live view is drawn as it goes, so it writes to stdout itself.
+            let mut stdout = std::io::stdout();
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(CliError::Runtime)?;
+            runtime.block_on(demo::run(options, &mut stdout))
+        }
         Command::Check => {
             let endpoint = endpoint(connection, origins);
             Ok(runtime.block_on(commands::check(endpoint, now)))
@@ -117,6 +152,7 @@ pub fn endpoint(connection: ConnectionArgs, origins: GivenOrigins) -> Result<End
     let GivenOrigins {
         api_addr: addr_given,
         token: token_given,
+        data_dir_given: _,
     } = origins;
     let (addr, addr_origin) = connection::resolve_addr(
         api_addr.map(|value| Given {

@@ -95,6 +95,37 @@ fn every_example_parses_and_validates() {
     assert!(files >= 3);
 }
 
+/// The demo's resources refer to each other across files (routes to policies'
+/// subsets), so they are validated as the one batch `trellisctl demo` applies.
+#[test]
+fn the_marketplace_examples_validate_as_one_batch() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let dir = examples.join("marketplace");
+    // The demo applies the mesh's settings with them.
+    let mesh = std::fs::read_to_string(examples.join("mesh-config.yaml")).unwrap();
+    let mut documents = parse_documents(&mesh).unwrap();
+    let mut kinds = std::collections::BTreeSet::from(["MeshConfig"]);
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let parsed = parse_documents(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        kinds.extend(parsed.iter().map(|d| d.kind()));
+        documents.extend(parsed);
+    }
+    if let Err(invalid) = validate_batch(&documents, &[]) {
+        panic!(
+            "{}",
+            invalid
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    // Every kind is shown off.
+    assert_eq!(kinds.len(), 5, "{kinds:?}");
+}
+
 #[test]
 fn route_problems_name_their_field_paths() {
     let found = problems(
