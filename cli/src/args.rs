@@ -66,9 +66,11 @@ pub enum Command {
     Get(GetArgs),
     /// Delete a resource.
     Delete(DeleteArgs),
-    /// Requests, success rate and p99 per service, route and backend, as the sidecars
-    /// reported them over a recent window.
+    /// Requests, success rate and p99 per service, route and backend (or per caller →
+    /// service edge with --edges), as the sidecars reported them over a recent window.
     Stat(StatArgs),
+    /// Stream the requests a service's sidecars handle, in and out, as they happen.
+    Tap(TapArgs),
     /// Join tokens for sidecars.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -187,6 +189,14 @@ pub struct StatArgs {
     /// Only this service (the one called).
     pub service: Option<String>,
 
+    /// The same as the SERVICE argument.
+    #[arg(long = "service", value_name = "SERVICE", conflicts_with = "service")]
+    pub service_flag: Option<String>,
+
+    /// One row per caller → service edge instead of per route and backend.
+    #[arg(long)]
+    pub edges: bool,
+
     /// The namespace of the services called [default: default].
     #[arg(short, long, value_name = "NS", conflicts_with = "all_namespaces")]
     pub namespace: Option<String>,
@@ -202,6 +212,35 @@ pub struct StatArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = OutputFormat::Table, value_name = "FORMAT")]
     pub output: OutputFormat,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct TapArgs {
+    /// The service whose sidecars to tap: what they receive and what they send.
+    pub service: String,
+
+    /// The service's namespace.
+    #[arg(short, long, value_name = "NS", default_value = "default")]
+    pub namespace: String,
+
+    /// Stop after this many requests [default: no limit].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub max: Option<u64>,
+
+    /// Stop after this long, e.g. 30s [default: until Ctrl-C].
+    #[arg(long, value_parser = duration, value_name = "DURATION")]
+    pub duration: Option<Duration>,
+
+    /// One line per request: aligned text, or the sidecar's JSON with the proxy's
+    /// instance added.
+    #[arg(short, long, value_enum, default_value_t = TapFormat::Table, value_name = "FORMAT")]
+    pub output: TapFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TapFormat {
+    Table,
+    Json,
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -265,6 +304,55 @@ mod tests {
         assert_eq!(cli.connection.api_addr.as_deref(), Some("127.0.0.1:1"));
         let cli = Cli::try_parse_from(["trellisctl", "--timeout", "2s", "check"]).unwrap();
         assert_eq!(cli.connection.timeout, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn stat_takes_the_service_as_an_argument_or_a_flag_but_not_both() {
+        let cli =
+            Cli::try_parse_from(["trellisctl", "stat", "--service", "web", "--edges"]).unwrap();
+        let Command::Stat(args) = cli.command else {
+            panic!("not stat: {cli:?}")
+        };
+        assert_eq!(
+            (args.service, args.service_flag.as_deref(), args.edges),
+            (None, Some("web"), true)
+        );
+        let e = Cli::try_parse_from(["trellisctl", "stat", "web", "--service", "pay"]).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn tap_needs_a_service_and_a_positive_max() {
+        let cli = Cli::try_parse_from([
+            "trellisctl",
+            "tap",
+            "payment",
+            "-n",
+            "shop",
+            "--max",
+            "3",
+            "--duration",
+            "5s",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+        let Command::Tap(args) = cli.command else {
+            panic!("not tap: {cli:?}")
+        };
+        assert_eq!(
+            (args.service.as_str(), args.namespace.as_str(), args.max),
+            ("payment", "shop", Some(3))
+        );
+        assert_eq!(args.duration, Some(Duration::from_secs(5)));
+        assert_eq!(args.output, TapFormat::Json);
+        for bad in [
+            &["trellisctl", "tap"][..],
+            &["trellisctl", "tap", "web", "--max", "0"],
+            &["trellisctl", "tap", "web", "-o", "yaml"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

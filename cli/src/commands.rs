@@ -220,24 +220,31 @@ async fn get_shadows(
 }
 
 /// `stat [SERVICE]`: what the sidecars reported over `--window`, per service, route
-/// and backend.
+/// and backend, or with `--edges` per caller → service.
 pub async fn stat(api: &Api, args: StatArgs) -> Result<Outcome, CliError> {
     let StatArgs {
         service,
+        service_flag,
+        edges,
         namespace,
         all_namespaces,
         window,
         output,
     } = args;
+    let service = service.or(service_flag);
     let namespace = (!all_namespaces).then(|| namespace.unwrap_or_else(|| "default".into()));
-    let path = format!(
+    let mut path = format!(
         "/v1/stats{}",
         stats_query(&namespace, &service, Some(&window))
     );
+    if edges {
+        path.push_str("&by=edge");
+    }
     let answer = api.get(&path).await?;
     let listed = items(api, &format!("GET {path}"), &answer, "items")?;
     let stdout = match output {
         OutputFormat::Table if listed.is_empty() => String::new(),
+        OutputFormat::Table if edges => views::edge_table(listed, namespace.as_deref()).render(),
         OutputFormat::Table => views::stat_table(listed, namespace.is_none()).render(),
         OutputFormat::Json => json_text(&answer),
         OutputFormat::Yaml => yaml_text(api, &answer)?,

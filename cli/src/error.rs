@@ -85,6 +85,10 @@ pub enum CliError {
     #[error("demo: {0}")]
     Demo(String),
 
+    /// `trellisctl tap` found nothing it could tap; the message says what it looked for.
+    #[error("{0}")]
+    Tap(String),
+
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
 }

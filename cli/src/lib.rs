@@ -15,6 +15,7 @@ pub mod error;
 pub mod kinds;
 pub mod manifests;
 pub mod table;
+pub mod tap;
 pub mod views;
 
 use std::{io::Read, time::SystemTime};
@@ -103,6 +104,13 @@ pub fn run(cli: Cli, origins: GivenOrigins, stdin: &mut dyn Read) -> Result<Outc
         Command::Stat(args) => {
             let api = Api::new(endpoint(connection, origins)?);
             runtime.block_on(commands::stat(&api, args))
+        }
+        Command::Tap(args) => {
+            let timeout = connection.timeout;
+            let api = Api::new(endpoint(connection, origins)?);
+            // Lines are printed as they come, so it writes to stdout itself.
+            let (mut stdout, mut stderr) = (std::io::stdout(), std::io::stderr());
+            runtime.block_on(tap::run(&api, args, timeout, &mut stdout, &mut stderr))
         }
         Command::Token(TokenCommand::Create(args)) => {
             let api = Api::new(endpoint(connection, origins)?);

@@ -323,6 +323,91 @@ pub fn stat_table(items: &[Value], with_namespace: bool) -> Table {
     table
 }
 
+/// `GET /v1/stats?by=edge` as `trellisctl stat --edges` prints it. Names outside
+/// `namespace` (all of them with `-A`) are shown as `namespace/service`.
+pub fn edge_table(items: &[Value], namespace: Option<&str>) -> Table {
+    let mut table = Table::new(vec!["FROM", "TO", "RPS", "SUCCESS", "P99"]);
+    let name = |item: &Value, ns: &str, service: &str| {
+        let (ns, service) = (text(item, ns), text(item, service));
+        if namespace == Some(ns.as_str()) {
+            service
+        } else {
+            format!("{ns}/{service}")
+        }
+    };
+    for item in items {
+        let number = |pointer: &str| item.pointer(pointer).and_then(Value::as_f64);
+        table.push(vec![
+            name(item, "/callerNamespace", "/caller"),
+            name(item, "/namespace", "/service"),
+            number("/rps").map_or_else(|| "-".into(), |rps| format!("{rps:.1}")),
+            number("/successRate").map_or_else(|| "-".into(), |rate| format!("{rate:.2}%")),
+            number("/p99Ms").map_or_else(|| "-".into(), latency),
+        ]);
+    }
+    table
+}
+
+/// The header `tap_line` lines up under.
+pub fn tap_header() -> String {
+    tap_columns(&[
+        "TIME",
+        "PROXY",
+        "DIR",
+        "METHOD",
+        "AUTHORITY",
+        "PATH",
+        "STATUS",
+        "LATENCY",
+        "ROUTE",
+        "SOURCE",
+        "DESTINATION",
+        "REQUEST-ID",
+    ])
+}
+
+/// One line of `trellisctl tap`, from a sidecar's `/tap` line and the proxy's
+/// instance. The columns are padded to usual widths rather than measured: lines are
+/// printed as they come.
+pub fn tap_line(line: &Value, instance: &str) -> String {
+    let time = text(line, "/time");
+    // 2025-03-02T10:14:07.123Z: the clock is enough on a live stream.
+    let clock = time
+        .split_once('T')
+        .map_or(time.as_str(), |(_, clock)| clock.trim_end_matches('Z'))
+        .to_string();
+    let latency_ms = line
+        .get("latencyMs")
+        .and_then(Value::as_f64)
+        .map_or_else(|| "-".into(), latency);
+    tap_columns(&[
+        &clock,
+        &escape_controls(instance.to_string()),
+        &reported_text(line, "/direction"),
+        &reported_text(line, "/method"),
+        &reported_text(line, "/authority"),
+        &reported_text(line, "/path"),
+        &reported_text(line, "/status"),
+        &latency_ms,
+        &reported_text(line, "/route"),
+        &reported_text(line, "/source"),
+        &reported_text(line, "/destination"),
+        &reported_text(line, "/requestId"),
+    ])
+}
+
+fn tap_columns(columns: &[&str]) -> String {
+    const WIDTHS: [usize; 11] = [12, 16, 8, 6, 16, 20, 6, 8, 10, 44, 44];
+    let mut out = String::new();
+    for (i, column) in columns.iter().enumerate() {
+        match WIDTHS.get(i) {
+            Some(&width) => out.push_str(&format!("{column:<width$} ")),
+            None => out.push_str(column),
+        }
+    }
+    out.trim_end().to_string()
+}
+
 /// Milliseconds with the digits that matter: `0.42ms`, `12ms`, `1.50s`.
 fn latency(ms: f64) -> String {
     if ms >= 1000.0 {
@@ -636,6 +721,64 @@ mod tests {
                 .starts_with("NAMESPACE   SERVICE")
         );
         assert_eq!(latency(12.4), "12ms");
+    }
+
+    #[test]
+    fn the_edge_table_names_other_namespaces() {
+        let rows = [
+            json!({"callerNamespace": "shop", "caller": "order", "namespace": "shop",
+                   "service": "payment", "requests": 30, "successes": 30,
+                   "successRate": 100.0, "rps": 3.0, "p99Ms": 4.2}),
+            json!({"callerNamespace": "billing", "caller": "ledger", "namespace": "shop",
+                   "service": "payment", "requests": 0, "successes": 0,
+                   "successRate": null, "rps": 0.0, "p99Ms": null}),
+        ];
+        assert_eq!(
+            edge_table(&rows, Some("shop")).render(),
+            "FROM             TO        RPS   SUCCESS   P99\n\
+             order            payment   3.0   100.00%   4.20ms\n\
+             billing/ledger   payment   0.0   -         -\n"
+        );
+        let everywhere = edge_table(&rows, None).render();
+        assert!(
+            everywhere.contains("shop/order       shop/payment"),
+            "{everywhere}"
+        );
+    }
+
+    #[test]
+    fn tap_lines_line_up_under_the_header_and_escape_what_sidecars_sent() {
+        let line = json!({
+            "time": "2025-03-02T10:14:07.123Z", "service": "payment", "direction": "inbound",
+            "method": "POST", "authority": "payment", "path": "/payments", "status": 403,
+            "latencyMs": 1.5, "source": "spiffe://cluster.local/ns/shop/sa/shipping",
+            "destination": "spiffe://cluster.local/ns/shop/sa/payment", "route": null,
+            "requestId": "req-1"
+        });
+        let header = tap_header();
+        let rendered = tap_line(&line, "payment-1");
+        assert_eq!(
+            rendered,
+            "10:14:07.123 payment-1        inbound  POST   payment          /payments            \
+             403    1.50ms   -          spiffe://cluster.local/ns/shop/sa/shipping   \
+             spiffe://cluster.local/ns/shop/sa/payment    req-1"
+        );
+        for column in ["PROXY", "PATH", "STATUS", "SOURCE", "REQUEST-ID"] {
+            let at = header.find(column).unwrap();
+            assert_ne!(
+                rendered.as_bytes()[at],
+                b' ',
+                "{column}:\n{header}\n{rendered}"
+            );
+            assert_eq!(
+                rendered.as_bytes()[at - 1],
+                b' ',
+                "{column}:\n{header}\n{rendered}"
+            );
+        }
+        let hostile = json!({"path": "/x\u{1b}[2J\nforged", "status": 200});
+        let rendered = tap_line(&hostile, "p");
+        assert!(!rendered.chars().any(char::is_control), "{rendered:?}");
     }
 
     #[test]

@@ -703,3 +703,193 @@ async fn check_fails_when_the_api_is_away() {
         "{printed}"
     );
 }
+
+// === tap ===
+
+/// A body that sends `lines` and then stays open, as a sidecar's `/tap` does.
+struct EndlessBody(std::collections::VecDeque<Bytes>);
+
+impl hyper::body::Body for EndlessBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        match self.0.pop_front() {
+            Some(line) => std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(line)))),
+            // Never woken: the stream is open and quiet, like a sidecar without traffic.
+            None => std::task::Poll::Pending,
+        }
+    }
+}
+
+/// A sidecar admin server whose `/tap` sends `lines` and stays open.
+async fn tap_server(lines: &'static [&'static str]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+                    assert_eq!(request.uri().path(), "/tap");
+                    let body = EndlessBody(lines.iter().map(|l| Bytes::from(*l)).collect());
+                    Ok::<_, std::convert::Infallible>(Response::new(body))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+const TAP_LINES: &[&str] = &[
+    "{\"time\":\"2025-03-02T10:14:07.123Z\",\"direction\":\"inbound\",\"method\":\"POST\",\
+     \"path\":\"/payments\",\"status\":403,\"latencyMs\":1.5,\"requestId\":\"req-1\"}\n{\"skip",
+    "ped\":3}\n",
+    "{\"time\":\"2025-03-02T10:14:08.000Z\",\"direction\":\"outbound\",\"method\":\"GET\",\
+     \"path\":\"/health\",\"status\":200,\"latencyMs\":0.4,\"requestId\":\"req-2\"}\n",
+];
+
+/// An API whose registry lists payment's proxies: one tappable, one whose admin
+/// port is closed, one that never said where its admin server is.
+async fn tap_api() -> (tempfile::TempDir, SocketAddr) {
+    let tappable = tap_server(TAP_LINES).await.to_string();
+    let closed = closed_port().await.to_string();
+    let (addr, _) = api_server(Arc::new(move |_| {
+        (
+            StatusCode::OK,
+            json!({"items": [
+                {"service": "payment", "namespace": "shop", "instance": "payment-1",
+                 "admin": tappable},
+                {"service": "payment", "namespace": "shop", "instance": "payment-2",
+                 "admin": closed},
+                {"service": "payment", "namespace": "shop", "instance": "payment-3",
+                 "admin": null},
+                {"service": "order", "namespace": "shop", "instance": "order-1",
+                 "admin": tappable},
+            ]}),
+        )
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    data_dir(dir.path(), addr);
+    (dir, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_prints_each_proxys_requests_and_names_those_it_cannot_reach() {
+    let (dir, _) = tap_api().await;
+    let output = run(
+        dir.path(),
+        &[
+            "tap",
+            "payment",
+            "-n",
+            "shop",
+            "--duration",
+            "1s",
+            "-o",
+            "json",
+        ],
+        &[],
+        None,
+    )
+    .await;
+    let (printed, told) = (stdout(&output), stderr(&output));
+    assert_eq!(output.status.code(), Some(0), "{told}");
+    let lines: Vec<Value> = printed
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let seen: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["requestId"].as_str().unwrap(),
+                l["proxy"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(seen, [("req-1", "payment-1"), ("req-2", "payment-1")]);
+    for expected in [
+        "tapping 3 proxies of shop/payment",
+        "proxy payment-1: this tap fell behind and 3 requests were not shown",
+        "cannot tap proxy payment-2: admin server 127.0.0.1:",
+        "cannot tap proxy payment-3: it did not tell the control plane its admin address",
+        "2 requests shown from 1 proxy tapped",
+    ] {
+        assert!(told.contains(expected), "{expected:?} in:\n{told}");
+    }
+
+    // The table, and --max ends it before --duration does.
+    let started = std::time::Instant::now();
+    let output = run(
+        dir.path(),
+        &[
+            "tap",
+            "payment",
+            "-n",
+            "shop",
+            "--max",
+            "1",
+            "--duration",
+            "20s",
+        ],
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    let printed = stdout(&output);
+    let lines: Vec<&str> = printed.lines().collect();
+    assert_eq!(lines.len(), 2, "{printed}");
+    assert!(lines[0].starts_with("TIME         PROXY"), "{printed}");
+    assert!(
+        lines[1].starts_with("10:14:07.123 payment-1        inbound  POST   "),
+        "{printed}"
+    );
+    assert!(lines[1].ends_with(" req-1"), "{printed}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_without_a_proxy_to_tap_is_an_error_naming_what_it_looked_for() {
+    let (dir, _) = tap_api().await;
+    let output = run(dir.path(), &["tap", "payment"], &[], None).await;
+    let err = assert_one_error_line(&output);
+    assert!(
+        err.contains("no proxy of service \"payment\" in namespace \"default\""),
+        "{err}"
+    );
+
+    // Only proxies it cannot reach: an error once each has been named.
+    let closed = closed_port().await.to_string();
+    let (addr, _) = api_server(Arc::new(move |_| {
+        (
+            StatusCode::OK,
+            json!({"items": [{"service": "web", "namespace": "default", "instance": "web-1",
+                              "admin": closed}]}),
+        )
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    data_dir(dir.path(), addr);
+    let output = run(dir.path(), &["tap", "web"], &[], None).await;
+    assert_eq!(output.status.code(), Some(1));
+    let told = stderr(&output);
+    assert!(
+        told.contains("cannot tap proxy web-1: admin server "),
+        "{told}"
+    );
+    assert!(
+        told.ends_with(
+            "error: could not tap any proxy of service \"web\" in namespace \"default\" \
+             (each is named above)\n"
+        ),
+        "{told}"
+    );
+}

@@ -116,14 +116,23 @@ pub struct Answer {
     pub action: Action,
     /// None: no answer (connection failure or timeout).
     pub status: Option<u16>,
+    /// The mesh answered in the service's place (`x-trellis-error`): refused,
+    /// rate-limited, unrouted, circuit open.
+    pub mesh_error: bool,
     pub latency: Duration,
 }
 
 impl Answer {
-    /// What a customer would call an error: a 5xx or no answer. A declined checkout
-    /// (402) or an empty cart (4xx) is an answer.
+    /// What a customer would call an error: no answer, a 5xx, an answer the mesh gave
+    /// in the service's place, or a 4xx the shop never gives a well-behaved shopper. A
+    /// declined checkout (402) and a checkout of an empty cart (409) are answers.
     pub fn failed(&self) -> bool {
-        self.status.is_none_or(|s| s >= 500)
+        match self.status {
+            None => true,
+            Some(_) if self.mesh_error => true,
+            Some(402 | 409) => false,
+            Some(status) => status >= 400,
+        }
     }
 }
 
@@ -169,18 +178,20 @@ pub async fn run(gateway: SocketAddr, rate: u32, seen: Seen, stop: CancellationT
             let exchange = async {
                 let response = client.request(action.request(gateway)).await.ok()?;
                 let status = response.status().as_u16();
+                let mesh_error = response.headers().contains_key("x-trellis-error");
                 // Read to the end: latency is what the customer waited for.
                 response.into_body().collect().await.ok()?;
-                Some(status)
+                Some((status, mesh_error))
             };
-            let status = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            let answered = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
                 .await
                 .ok()
                 .flatten();
             seen.push(Answer {
                 at: sent.duration_since(started),
                 action,
-                status,
+                status: answered.map(|(status, _)| status),
+                mesh_error: answered.is_some_and(|(_, mesh)| mesh),
                 latency: sent.elapsed(),
             });
             drop(permit);
@@ -251,6 +262,7 @@ mod tests {
             at: Duration::ZERO,
             action: Action::Browse,
             status,
+            mesh_error: false,
             latency: Duration::from_millis(ms),
         }
     }
@@ -266,6 +278,14 @@ mod tests {
         assert_eq!(tally.p50, Duration::from_millis(51));
         assert_eq!(tally.p99, Duration::from_millis(500));
         assert!((tally.success_rate() - 100.0 * 101.0 / 103.0).abs() < 1e-9);
+        // The mesh refusing, limiting or not routing is a failure whatever the status.
+        let refused = Answer {
+            mesh_error: true,
+            ..answer(1, Some(429))
+        };
+        assert!(refused.failed());
+        assert!(answer(1, Some(404)).failed());
+        assert!(!answer(1, Some(409)).failed());
         assert_eq!(Tally::of([].iter()).success_rate(), 100.0);
     }
 

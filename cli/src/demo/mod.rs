@@ -94,9 +94,10 @@ pub struct Scenario {
 impl Scenario {
     pub fn for_run(duration: Option<Duration>) -> Self {
         match duration {
+            // Early and short enough that the breaker has closed again by the end.
             Some(d) => Self {
-                payment_fails_at: d.mul_f64(0.4),
-                payment_fails_for: d.mul_f64(0.2).min(Duration::from_secs(10)),
+                payment_fails_at: d.mul_f64(0.3),
+                payment_fails_for: d.mul_f64(0.15).min(Duration::from_secs(10)),
             },
             None => Self {
                 payment_fails_at: Duration::from_secs(20),
@@ -132,25 +133,69 @@ pub async fn run(
         (None, Some(t)) => t.path().to_path_buf(),
         (None, None) => return Err(CliError::Demo("no folder for the demo's state".into())),
     };
+    // Before the first child: a Ctrl-C, SIGTERM or SIGHUP at any moment from here on
+    // stops every child in order instead of killing trellisctl and orphaning them.
+    let mut signals = Signals::install()?;
     let mut children = Processes::new(state.join("logs"))?;
-    let result = run_in(&options, &state, &mut children, out).await;
+    let result = run_in(&options, &state, &mut children, &mut signals, out).await;
     let stuck = children.stop_all().await;
     let all_gone = children.all_exited();
-    let mut outcome = result?;
+    let mut notes = String::new();
     if !stuck.is_empty() || !all_gone {
-        outcome.ok = false;
-        outcome.stderr.push_str(&format!(
+        notes.push_str(&format!(
             "processes that would not stop: {}\n",
             stuck.join(", ")
         ));
     }
+    // A failed run keeps its logs for reading, even in a temporary folder.
     match temporary {
+        Some(dir) if result.is_err() => {
+            let kept = dir.keep();
+            notes.push_str(&format!("state and logs kept in {}\n", kept.display()));
+        }
         Some(dir) => drop(dir),
-        None => outcome
-            .stderr
-            .push_str(&format!("state and logs kept in {}\n", state.display())),
+        None => notes.push_str(&format!("state and logs kept in {}\n", state.display())),
     }
-    Ok(outcome)
+    match result {
+        Ok(mut outcome) => {
+            outcome.ok &= stuck.is_empty() && all_gone;
+            outcome.stderr.push_str(&notes);
+            Ok(outcome)
+        }
+        Err(CliError::Demo(message)) => Err(CliError::Demo(format!("{message}\n{notes}"))),
+        Err(other) => Err(other),
+    }
+}
+
+/// The signals that end the demo, installed once.
+#[derive(Debug)]
+pub struct Signals {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    hangup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, CliError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let install = |kind: SignalKind| {
+            signal(kind).map_err(|e| CliError::Demo(format!("cannot handle signals: {e}")))
+        };
+        Ok(Self {
+            interrupt: install(SignalKind::interrupt())?,
+            terminate: install(SignalKind::terminate())?,
+            hangup: install(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next signal's name.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.interrupt.recv() => "Ctrl-C",
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.hangup.recv() => "SIGHUP",
+        }
+    }
 }
 
 /// Where each part of the running demo listens.
@@ -168,6 +213,7 @@ async fn run_in(
     options: &DemoOptions,
     state: &Path,
     children: &mut Processes,
+    signals: &mut Signals,
     out: &mut dyn std::io::Write,
 ) -> Result<crate::Outcome, CliError> {
     let started = Instant::now();
@@ -179,9 +225,20 @@ async fn run_in(
         out,
         "starting the control plane, 10 services with their sidecars and the gateway...",
     );
-    let addresses = start_mesh(state, children).await?;
-    let api = Api::new(api_endpoint(&addresses.api, state)?);
-    converge(&api, children, WORKLOADS.len() + 1).await?;
+    let starting = async {
+        let addresses = start_mesh(state, children).await?;
+        let api = Api::new(api_endpoint(&addresses.api, state)?);
+        converge(&api, children, WORKLOADS.len() + 1).await?;
+        Ok::<_, CliError>((addresses, api))
+    };
+    let (addresses, api) = tokio::select! {
+        started = starting => started?,
+        signal = signals.next() => {
+            return Err(CliError::Demo(format!(
+                "{signal} while starting; everything started is stopped"
+            )));
+        }
+    };
     say(
         out,
         &format!(
@@ -228,12 +285,7 @@ async fn run_in(
     let ended_by = loop {
         tokio::select! {
             _ = tick.tick() => {}
-            signal = tokio::signal::ctrl_c() => {
-                break match signal {
-                    Ok(()) => "Ctrl-C".to_string(),
-                    Err(e) => format!("cannot wait for Ctrl-C: {e}"),
-                };
-            }
+            signal = signals.next() => break signal.to_string(),
         }
         let at = traffic_started.elapsed();
         if let Some(crash) = children.crashed() {
@@ -269,18 +321,22 @@ async fn run_in(
     let ran = traffic_started.elapsed();
     // One more report interval, so the last seconds are in the statistics.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let whole = observer.observe(ran + Duration::from_secs(5)).await;
+    // The control plane keeps an hour of statistics.
+    let whole = observer
+        .observe((ran + Duration::from_secs(5)).min(Duration::from_secs(3600)))
+        .await;
     let summary = summarize(ran, &scenario, &seen.snapshot(), &whole, &last, &story);
     if let Some(path) = &options.summary_json {
         let text = serde_json::to_string_pretty(&summary).unwrap_or_default();
-        std::fs::write(path, text + "\n").map_err(|e| {
+        tokio::fs::write(path, text + "\n").await.map_err(|e| {
             CliError::Demo(format!(
                 "cannot write the summary to {}: {e}",
                 path.display()
             ))
         })?;
     }
-    let ok = summary["ok"].as_bool().unwrap_or(false);
+    // Only an unattended run is judged: a live one ends whenever its watcher says.
+    let ok = options.duration.is_none() || summary["ok"].as_bool().unwrap_or(false);
     let mut stdout = format!("stopped ({ended_by}) after {:.0} s\n\n", ran.as_secs_f64());
     stdout.push_str(&view::summary_text(&summary));
     Ok(crate::Outcome {
@@ -317,6 +373,13 @@ async fn start_mesh(state: &Path, children: &mut Processes) -> Result<Addresses,
     let grpc = field(&listening, "grpc")?;
     let admin = field(&listening, "admin")?;
     let api = Api::new(api_endpoint(&api_addr, state)?);
+    // A kept data dir may hold a canary promoted last time: this run's starts afresh
+    // (deleting a Canary drops its status). Absent is fine.
+    let _ = api
+        .delete(&format!(
+            "/v1/resources/canary/recommendations?namespace={NAMESPACE}"
+        ))
+        .await;
     api.post(
         "/v1/apply",
         "application/yaml",
@@ -428,7 +491,8 @@ async fn join_token(api: &Api, state: &Path, service: &str) -> Result<PathBuf, C
         .as_str()
         .ok_or_else(|| CliError::Demo(format!("a token answer without a token: {answer}")))?;
     let path = state.join(format!("{service}.token"));
-    std::fs::write(&path, token)
+    tokio::fs::write(&path, token)
+        .await
         .map_err(|e| CliError::Demo(format!("cannot write {}: {e}", path.display())))?;
     Ok(path)
 }
@@ -617,6 +681,25 @@ fn summarize(
         canary.phase == "Promoted" || canary.weight > 10,
         format!("{} at {}%", canary.phase, canary.weight),
     );
+    let failure_ends = scenario.payment_fails_at + scenario.payment_fails_for;
+    if ran > failure_ends {
+        expect(
+            "payment's breaker opened while it failed",
+            whole.ejections >= 1.0,
+            format!("{} ejections", whole.ejections),
+        );
+    }
+    if ran > failure_ends + Duration::from_secs(12) {
+        expect(
+            "payment's breaker closed again once it healed",
+            whole.ejected.is_empty(),
+            if whole.ejected.is_empty() {
+                "no endpoint ejected at the end".into()
+            } else {
+                format!("still ejected: {}", whole.ejected.join(", "))
+            },
+        );
+    }
     expect(
         "the shadow's answers were compared",
         whole.shadow.compared() > 0,
@@ -653,12 +736,12 @@ mod tests {
     #[test]
     fn the_failure_fits_inside_a_short_run() {
         let scenario = Scenario::for_run(Some(Duration::from_secs(30)));
-        assert_eq!(scenario.payment_fails_at, Duration::from_secs(12));
-        assert_eq!(scenario.payment_fails_for, Duration::from_secs(6));
-        assert!(!scenario.disturbed(Duration::from_secs(11)));
-        assert!(scenario.disturbed(Duration::from_secs(12)));
-        assert!(scenario.disturbed(Duration::from_secs(25)));
-        assert!(!scenario.disturbed(Duration::from_secs(26)));
+        assert_eq!(scenario.payment_fails_at, Duration::from_secs(9));
+        assert_eq!(scenario.payment_fails_for, Duration::from_millis(4500));
+        assert!(!scenario.disturbed(Duration::from_secs(8)));
+        assert!(scenario.disturbed(Duration::from_secs(9)));
+        assert!(scenario.disturbed(Duration::from_secs(21)));
+        assert!(!scenario.disturbed(Duration::from_secs(22)));
         let endless = Scenario::for_run(None);
         assert_eq!(endless.payment_fails_for, Duration::from_secs(10));
     }

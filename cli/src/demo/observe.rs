@@ -67,6 +67,8 @@ pub struct Observation {
     pub ejected: Vec<String>,
     pub ejections: f64,
     pub bulkhead_rejections: f64,
+    /// Every sidecar's metrics were read: only then does a missing ejection mean one.
+    pub complete: bool,
 }
 
 /// Reads the control plane and the sidecars' admin pages.
@@ -119,10 +121,12 @@ impl Observer {
             services: services(&stats),
             canary,
             shadow: shadow(&shadows),
+            complete: true,
             ..Observation::default()
         };
         for admin in &self.admins {
             let Some(text) = self.metrics(*admin).await else {
+                observation.complete = false;
                 continue;
             };
             for (labels, value) in samples(&text, "trellis_endpoint_ejected") {

@@ -66,6 +66,8 @@ impl Processes {
                 logs.display()
             ))
         })?;
+        // A kept data dir's earlier run listed its own children here.
+        let _ = std::fs::remove_file(logs.join("pids"));
         Ok(Self {
             logs,
             running: Vec::new(),

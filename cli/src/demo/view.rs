@@ -36,6 +36,10 @@ impl Story {
                 ),
             );
         }
+        // A sidecar that could not be read says nothing about its breakers.
+        if !(before.complete && now.complete) {
+            return;
+        }
         for ejected in now.ejected.iter().filter(|e| !before.ejected.contains(e)) {
             self.tell(
                 at,
@@ -232,6 +236,7 @@ mod tests {
     fn the_story_notices_canary_steps_and_breakers() {
         let mut story = Story::default();
         let before = Observation {
+            complete: true,
             canary: Some(CanaryRow {
                 phase: "Progressing".into(),
                 weight: 10,
