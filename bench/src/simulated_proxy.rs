@@ -217,6 +217,7 @@ async fn subscribe(
         inbound_address: spec.inbound.to_string(),
         healthy: true,
         proxy_version: "trellis-bench".into(),
+        admin_address: String::new(),
     }))
     .await?;
     let mut pushes =

@@ -38,7 +38,8 @@ pub struct Tapped {
 /// What one proxy's tap says.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Message {
-    Request(Value),
+    /// A request, parsed for the table and as sent for `-o json`.
+    Request { line: Value, raw: String },
     /// The proxy dropped this many requests because the tap read too slowly.
     Skipped(u64),
 }
@@ -139,11 +140,11 @@ pub async fn run(
             Event::Connected => connected += 1,
             Event::Message {
                 instance,
-                message: Message::Request(line),
+                message: Message::Request { line, raw },
             } => {
                 let text = match output {
                     TapFormat::Table => views::tap_line(&line, &instance),
-                    TapFormat::Json => json_line(line, &instance),
+                    TapFormat::Json => json_line(&raw, &instance),
                 };
                 // A closed pipe (`trellisctl tap web | head -3`) ends the tap quietly.
                 if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
@@ -236,12 +237,14 @@ pub fn proxies_of(items: &[Value], namespace: &str, service: &str) -> Vec<Tapped
         .collect()
 }
 
-/// A sidecar's JSON line with the proxy it came from, as `-o json` prints it.
-pub fn json_line(mut line: Value, instance: &str) -> String {
-    if let Some(object) = line.as_object_mut() {
-        object.insert("proxy".into(), Value::String(instance.to_string()));
-    }
-    line.to_string()
+/// A sidecar's JSON line (an object, as `parse` checked) with the proxy it came from
+/// added last, as `-o json` prints it: the sidecar's field order is kept.
+pub fn json_line(raw: &str, instance: &str) -> String {
+    let proxy = Value::String(instance.to_string());
+    let object = raw.trim_end();
+    let fields = object.strip_suffix('}').unwrap_or(object).trim_end();
+    let comma = if fields.ends_with('{') { "" } else { "," };
+    format!("{fields}{comma}\"proxy\":{proxy}}}")
 }
 
 /// Reads one proxy's tap until it ends or fails, and says which.
@@ -361,7 +364,10 @@ pub fn parse(line: &[u8]) -> Result<Message, String> {
     }
     match value.get("skipped").and_then(Value::as_u64) {
         Some(skipped) => Ok(Message::Skipped(skipped)),
-        None => Ok(Message::Request(value)),
+        None => Ok(Message::Request {
+            line: value,
+            raw: String::from_utf8_lossy(line).into_owned(),
+        }),
     }
 }
 
@@ -397,7 +403,10 @@ mod tests {
         assert_eq!(parse(b"{\"skipped\":6}"), Ok(Message::Skipped(6)));
         assert_eq!(
             parse(b"{\"path\":\"/pay\",\"status\":200}"),
-            Ok(Message::Request(json!({"path": "/pay", "status": 200})))
+            Ok(Message::Request {
+                line: json!({"path": "/pay", "status": 200}),
+                raw: "{\"path\":\"/pay\",\"status\":200}".into()
+            })
         );
         assert!(parse(b"<html>").unwrap_err().contains("not JSON"));
         assert!(parse(b"[1]").unwrap_err().contains("not a JSON object"));
@@ -433,11 +442,12 @@ mod tests {
 
     #[test]
     fn json_lines_say_which_proxy_saw_the_request() {
-        let line = json_line(json!({"path": "/pay"}), "payment-1");
+        let line = json_line("{\"status\":200,\"path\":\"/pay\"} ", "payment-\"1");
         assert_eq!(
-            serde_json::from_str::<Value>(&line).unwrap(),
-            json!({"path": "/pay", "proxy": "payment-1"})
+            line,
+            "{\"status\":200,\"path\":\"/pay\",\"proxy\":\"payment-\\\"1\"}"
         );
+        assert_eq!(json_line("{ }", "p"), "{\"proxy\":\"p\"}");
         assert_eq!(plural(1u64, "request", "requests"), "1 request");
         assert_eq!(plural(2usize, "proxy", "proxies"), "2 proxies");
     }

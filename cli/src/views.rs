@@ -397,7 +397,8 @@ pub fn tap_line(line: &Value, instance: &str) -> String {
 }
 
 fn tap_columns(columns: &[&str]) -> String {
-    const WIDTHS: [usize; 11] = [12, 16, 8, 6, 16, 20, 6, 8, 10, 44, 44];
+    // Instances are `<service>-<8 hex>`; ids `spiffe://<td>/ns/<ns>/sa/<service>`.
+    const WIDTHS: [usize; 11] = [12, 20, 8, 6, 16, 20, 6, 8, 10, 52, 52];
     let mut out = String::new();
     for (i, column) in columns.iter().enumerate() {
         match WIDTHS.get(i) {
@@ -759,9 +760,9 @@ mod tests {
         let rendered = tap_line(&line, "payment-1");
         assert_eq!(
             rendered,
-            "10:14:07.123 payment-1        inbound  POST   payment          /payments            \
-             403    1.50ms   -          spiffe://cluster.local/ns/shop/sa/shipping   \
-             spiffe://cluster.local/ns/shop/sa/payment    req-1"
+            "10:14:07.123 payment-1            inbound  POST   payment          /payments            \
+             403    1.50ms   -          spiffe://cluster.local/ns/shop/sa/shipping           \
+             spiffe://cluster.local/ns/shop/sa/payment            req-1"
         );
         for column in ["PROXY", "PATH", "STATUS", "SOURCE", "REQUEST-ID"] {
             let at = header.find(column).unwrap();

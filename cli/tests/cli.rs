@@ -850,7 +850,7 @@ async fn tap_prints_each_proxys_requests_and_names_those_it_cannot_reach() {
     assert_eq!(lines.len(), 2, "{printed}");
     assert!(lines[0].starts_with("TIME         PROXY"), "{printed}");
     assert!(
-        lines[1].starts_with("10:14:07.123 payment-1        inbound  POST   "),
+        lines[1].starts_with("10:14:07.123 payment-1            inbound  POST   "),
         "{printed}"
     );
     assert!(lines[1].ends_with(" req-1"), "{printed}");
@@ -891,5 +891,39 @@ async fn tap_without_a_proxy_to_tap_is_an_error_naming_what_it_looked_for() {
              (each is named above)\n"
         ),
         "{told}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stat_edges_asks_for_edges_and_prints_who_calls_whom() {
+    let (addr, mut seen) = api_server(Arc::new(|_| {
+        (
+            StatusCode::OK,
+            json!({"windowSeconds": 60.0, "by": "edge", "items": [
+                {"callerNamespace": "shop", "caller": "order", "namespace": "shop",
+                 "service": "payment", "requests": 12, "successes": 12, "successRate": 100.0,
+                 "rps": 0.2, "coveredSeconds": 60.0, "p99Ms": 9.8},
+            ]}),
+        )
+    }))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    data_dir(dir.path(), addr);
+    let output = run(
+        dir.path(),
+        &["stat", "--edges", "--service", "payment", "-n", "shop"],
+        &[],
+        None,
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(
+        seen.recv().await.unwrap().uri,
+        "/v1/stats?namespace=shop&service=payment&window=60s&by=edge"
+    );
+    assert_eq!(
+        stdout(&output),
+        "FROM    TO        RPS   SUCCESS   P99\n\
+         order   payment   0.2   100.00%   9.80ms\n"
     );
 }

@@ -478,11 +478,21 @@ impl OperatorApi {
         ))
     }
 
-    /// `GET /v1/stats?namespace=&service=&caller=&window=60s`: per (service, route,
-    /// backend), what the sidecars reported over the window. `rps` is over the time the
-    /// included reports cover, not the whole window: traffic that started 10 s ago is
-    /// not diluted over a minute.
+    /// `GET /v1/stats?namespace=&service=&caller=&window=60s&by=route|edge`: per
+    /// (service, route, backend), or per caller → service edge, what the sidecars
+    /// reported over the window. `rps` is over the time the included reports cover,
+    /// not the whole window: traffic that started 10 s ago is not diluted over a minute.
     fn stats(&self, query: Option<&str>) -> Result<Answer, Refusal> {
+        let by_edge = match query_param(query, "by") {
+            None | Some("" | "route") => false,
+            Some("edge") => true,
+            Some(other) => {
+                return Err(error(
+                    StatusCode::BAD_REQUEST,
+                    format!("by {other:?}: must be route (the default) or edge"),
+                ));
+            }
+        };
         let text = query_param(query, "window").unwrap_or(DEFAULT_STATS_WINDOW);
         let window = trellis_api::duration::parse(text)
             .map_err(|e| e.to_string())
@@ -507,6 +517,42 @@ impl OperatorApi {
         let now = Instant::now();
         let since = now.checked_sub(window);
         let seconds = window.as_secs_f64();
+        let rate = |stats: &reports::BackendStats, covers_from| {
+            let covered = reports::covered_span(covers_from, now, window);
+            json!({
+                "requests": stats.requests,
+                "successes": stats.successes,
+                "successRate": stats.success_rate(),
+                "rps": stats.requests as f64 / covered.as_secs_f64(),
+                "coveredSeconds": covered.as_secs_f64(),
+                "p99Ms": stats.p99.map(|p| p.as_secs_f64() * 1e3),
+            })
+        };
+        if by_edge {
+            let items: Vec<_> = self
+                .reports
+                .edge_stats(filter, since)
+                .into_iter()
+                .map(|row| {
+                    let mut item = json!({
+                        "callerNamespace": row.caller_namespace,
+                        "caller": row.caller,
+                        "namespace": row.namespace,
+                        "service": row.service,
+                    });
+                    if let (Some(item), serde_json::Value::Object(numbers)) =
+                        (item.as_object_mut(), rate(&row.stats, row.covers_from))
+                    {
+                        item.extend(numbers);
+                    }
+                    item
+                })
+                .collect();
+            return Ok(answer(
+                StatusCode::OK,
+                &json!({ "windowSeconds": seconds, "by": "edge", "items": items }),
+            ));
+        }
         let items: Vec<_> = self
             .reports
             .route_stats(filter, since)

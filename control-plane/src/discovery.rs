@@ -141,12 +141,15 @@ impl Discovery for DiscoveryService {
             inbound_address,
             healthy,
             proxy_version,
+            admin_address,
         } = hello;
         let identity = self.authorize(caller.as_ref(), &service, &namespace)?;
         check_hello_sizes(&instance, &labels)?;
         // Empty for a gateway: listed in `get proxies`, nobody's endpoint.
         let address: Option<SocketAddr> =
             crate::registry::inbound_address(&inbound_address).map_err(Status::invalid_argument)?;
+        let admin =
+            crate::registry::admin_address(&admin_address).map_err(Status::invalid_argument)?;
         let instance = match (instance.is_empty(), address) {
             (false, _) => instance,
             (true, Some(address)) => format!("{service}-{address}"),
@@ -170,6 +173,7 @@ impl Discovery for DiscoveryService {
             labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
             healthy,
             proxy_version,
+            admin,
         };
         tracing::info!(
             service = info.service,

@@ -30,6 +30,8 @@ pub struct ProxyInfo {
     pub labels: BTreeMap<String, String>,
     pub healthy: bool,
     pub proxy_version: String,
+    /// Its admin server, for `trellisctl tap`; none from a sidecar that did not say.
+    pub admin: Option<SocketAddr>,
 }
 
 /// A service the compiler builds one config for: every proxy of it gets the same one.
@@ -89,6 +91,8 @@ pub struct ProxyView {
     pub identity: String,
     /// None for a gateway.
     pub address: Option<SocketAddr>,
+    /// Its admin server (`/tap`, `/metrics`); none when it did not say.
+    pub admin: Option<SocketAddr>,
     pub healthy: bool,
     pub proxy_version: String,
     pub connected_seconds: u64,
@@ -101,15 +105,23 @@ pub struct ProxyView {
 /// A Hello's `inbound_address`: an `ip:port` peers can dial, or empty for a proxy
 /// peers never call (a gateway), which is then no endpoint.
 pub fn inbound_address(text: &str) -> Result<Option<SocketAddr>, String> {
+    dialable("hello.inbound_address", "peers", text)
+}
+
+/// A Hello's `admin_address`: an `ip:port` an operator's `trellisctl tap` can dial,
+/// or empty when the sidecar does not say.
+pub fn admin_address(text: &str) -> Result<Option<SocketAddr>, String> {
+    dialable("hello.admin_address", "trellisctl", text)
+}
+
+fn dialable(field: &str, who: &str, text: &str) -> Result<Option<SocketAddr>, String> {
     if text.is_empty() {
         return Ok(None);
     }
-    let address: SocketAddr = text
-        .parse()
-        .map_err(|e| format!("hello.inbound_address {text:?}: {e}"))?;
+    let address: SocketAddr = text.parse().map_err(|e| format!("{field} {text:?}: {e}"))?;
     if address.ip().is_unspecified() || address.port() == 0 {
         return Err(format!(
-            "hello.inbound_address {address} is not an address peers can dial"
+            "{field} {address} is not an address {who} can dial"
         ));
     }
     Ok(Some(address))
@@ -288,6 +300,7 @@ impl Registry {
                     labels,
                     healthy,
                     proxy_version: _,
+                    admin: _,
                 } = &e.info;
                 Some(EndpointView {
                     service: service.clone(),
@@ -320,6 +333,7 @@ impl Registry {
                     instance: e.info.instance.clone(),
                     identity: e.info.identity.to_string(),
                     address: e.info.address,
+                    admin: e.info.admin,
                     healthy: e.info.healthy,
                     proxy_version: e.info.proxy_version.clone(),
                     connected_seconds: now.duration_since(e.connected_at).as_secs(),
@@ -352,6 +366,7 @@ mod tests {
             labels: BTreeMap::new(),
             healthy: true,
             proxy_version: "test".into(),
+            admin: Some(([127, 0, 0, 1], 20_000 + port).into()),
         }
     }
 
@@ -459,6 +474,8 @@ mod tests {
         );
         let json = serde_json::to_value(&proxies[0]).unwrap();
         assert!(json["address"].is_null(), "{json}");
+        let web = serde_json::to_value(&proxies[1]).unwrap();
+        assert_eq!(web["admin"], "127.0.0.1:20001", "{web}");
     }
 
     #[test]
@@ -476,5 +493,11 @@ mod tests {
             let error = inbound_address(bad).unwrap_err();
             assert!(error.contains(needle), "{bad}: {error}");
         }
+        assert_eq!(admin_address("").unwrap(), None);
+        let error = admin_address("0.0.0.0:15020").unwrap_err();
+        assert_eq!(
+            error,
+            "hello.admin_address 0.0.0.0:15020 is not an address trellisctl can dial"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! What the sidecars' `Discovery.Report` windows add up to: requests, successes and
 //! latency per (service, route, backend) and caller over the last hour, for canary
-//! analysis and `GET /v1/stats`; and what each route's mirror did since this process
+//! analysis and `GET /v1/stats` (per route and backend, or per caller → service
+//! edge); and what each route's mirror did since this process
 //! started, for `GET /v1/shadows`. All in memory: a restart starts from nothing.
 //!
 //! Windows are filed by the time they arrive, in buckets: one second wide for the
@@ -81,6 +82,19 @@ pub(crate) struct RouteRow {
     pub(crate) stats: BackendStats,
     /// Where the earliest window in the sums began: the counts cover from here to the
     /// latest report.
+    pub(crate) covers_from: Instant,
+}
+
+/// One row of `GET /v1/stats?by=edge`: what one calling service sent to a service,
+/// all routes and backends together, over a window.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct EdgeRow {
+    pub(crate) caller_namespace: String,
+    pub(crate) caller: String,
+    pub(crate) namespace: String,
+    pub(crate) service: String,
+    pub(crate) stats: BackendStats,
+    /// As `RouteRow::covers_from`.
     pub(crate) covers_from: Instant,
 }
 
@@ -294,10 +308,7 @@ impl Reports {
         let inner = self.inner.lock();
         for bucket in inner.since(since) {
             for (key, counts) in &bucket.routes {
-                let wanted = filter.namespace.is_none_or(|ns| key.namespace == ns)
-                    && filter.service.is_none_or(|s| key.service == s)
-                    && filter.caller.is_none_or(|c| key.caller == c);
-                if wanted {
+                if filter.wants(key) {
                     let (sum, covers_from) = sums
                         .entry((&key.namespace, &key.service, &key.route, &key.backend))
                         .or_insert((Counts::default(), bucket.covers_from));
@@ -326,6 +337,57 @@ impl Reports {
                 &b.service,
                 &b.route,
                 &b.backend,
+            ))
+        });
+        rows
+    }
+
+    /// Every caller → service edge that `filter` lets through, over the reports since
+    /// `since` (`None`: all kept), summed over routes and backends, sorted by service
+    /// then caller.
+    pub(crate) fn edge_stats(
+        &self,
+        filter: StatsFilter<'_>,
+        since: Option<Instant>,
+    ) -> Vec<EdgeRow> {
+        let mut sums: HashMap<(&str, &str, &str, &str), (Counts, Instant)> = HashMap::new();
+        let inner = self.inner.lock();
+        for bucket in inner.since(since) {
+            for (key, counts) in &bucket.routes {
+                if filter.wants(key) {
+                    let (sum, covers_from) = sums
+                        .entry((
+                            &key.namespace,
+                            &key.service,
+                            &key.caller_namespace,
+                            &key.caller,
+                        ))
+                        .or_insert((Counts::default(), bucket.covers_from));
+                    sum.merge(counts);
+                    *covers_from = (*covers_from).min(bucket.covers_from);
+                }
+            }
+        }
+        let mut rows: Vec<EdgeRow> = sums
+            .into_iter()
+            .map(
+                |((namespace, service, caller_namespace, caller), (counts, covers_from))| EdgeRow {
+                    caller_namespace: caller_namespace.to_string(),
+                    caller: caller.to_string(),
+                    namespace: namespace.to_string(),
+                    service: service.to_string(),
+                    stats: counts.stats(),
+                    covers_from,
+                },
+            )
+            .collect();
+        drop(inner);
+        rows.sort_by(|a, b| {
+            (&a.namespace, &a.service, &a.caller_namespace, &a.caller).cmp(&(
+                &b.namespace,
+                &b.service,
+                &b.caller_namespace,
+                &b.caller,
             ))
         });
         rows
@@ -364,6 +426,14 @@ impl Reports {
             ))
         });
         rows
+    }
+}
+
+impl StatsFilter<'_> {
+    fn wants(&self, key: &RouteKey) -> bool {
+        self.namespace.is_none_or(|ns| key.namespace == ns)
+            && self.service.is_none_or(|s| key.service == s)
+            && self.caller.is_none_or(|c| key.caller == c)
     }
 }
 
@@ -782,6 +852,92 @@ mod tests {
         );
         assert_eq!(from_order.len(), 1);
         assert_eq!(from_order[0].route, "testers");
+    }
+
+    #[test]
+    fn edges_sum_every_route_and_backend_per_caller() {
+        let reports = Reports::new();
+        let t0 = Instant::now();
+        let mut testers = route("pay", "v2", 30, 27, &[0.08]);
+        testers.route = "testers".into();
+        reports
+            .add(
+                "shop",
+                &report(
+                    "web",
+                    vec![
+                        route("pay", "v1", 90, 90, &[0.002]),
+                        route("pay", "v2", 10, 9, &[0.002]),
+                    ],
+                ),
+                t0,
+            )
+            .unwrap();
+        reports
+            .add("shop", &report("order", vec![testers]), t0 + S)
+            .unwrap();
+        reports
+            .add(
+                "billing",
+                &report("ledger", vec![route("pay.shop", "v1", 4, 4, &[0.002])]),
+                t0 + S,
+            )
+            .unwrap();
+        reports
+            .add(
+                "shop",
+                &report("web", vec![route("cart", "v1", 7, 7, &[0.002])]),
+                t0 + 2 * S,
+            )
+            .unwrap();
+
+        let edges = reports.edge_stats(StatsFilter::default(), Some(t0));
+        let summary: Vec<_> = edges
+            .iter()
+            .map(|e| {
+                (
+                    format!("{}/{}", e.caller_namespace, e.caller),
+                    format!("{}/{}", e.namespace, e.service),
+                    e.stats.requests,
+                    e.stats.successes,
+                )
+            })
+            .collect();
+        let edge = |from: &str, to: &str, requests, successes| {
+            (from.to_string(), to.to_string(), requests, successes)
+        };
+        assert_eq!(
+            summary,
+            [
+                edge("shop/web", "shop/cart", 7, 7),
+                edge("billing/ledger", "shop/pay", 4, 4),
+                edge("shop/order", "shop/pay", 30, 27),
+                edge("shop/web", "shop/pay", 100, 99),
+            ]
+        );
+        // order's calls were all slow: its p99 is its own, not diluted by web's.
+        let order = &edges[2];
+        assert!(
+            order.stats.p99.unwrap() > Duration::from_millis(50),
+            "{order:?}"
+        );
+        assert!(edges[3].stats.p99.unwrap() < Duration::from_millis(5));
+
+        let to_pay_from_web = reports.edge_stats(
+            StatsFilter {
+                service: Some("pay"),
+                caller: Some("web"),
+                ..StatsFilter::default()
+            },
+            Some(t0),
+        );
+        assert_eq!(to_pay_from_web.len(), 1);
+        assert_eq!(to_pay_from_web[0].stats.requests, 100);
+        assert!(
+            reports
+                .edge_stats(StatsFilter::default(), Some(t0 + 3 * S))
+                .is_empty()
+        );
     }
 
     #[test]

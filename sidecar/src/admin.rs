@@ -1,6 +1,6 @@
 //! The admin server, loopback by default: liveness, readiness, Prometheus metrics,
-//! the current config and certificate, what the mirrors saw, and a drain trigger for
-//! Jobs.
+//! the current config and certificate, what the mirrors saw, a live stream of the
+//! requests it handles (`/tap`), and a drain trigger for Jobs.
 
 use std::{
     net::SocketAddr,
@@ -13,7 +13,7 @@ use std::{
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -24,9 +24,13 @@ use trellis_ca::Credentials;
 
 use crate::{
     outbound::destinations::{Destinations, DestinationsView},
+    tap::{self, OwnIdentity, TapBody},
     telemetry::{self, rfc3339},
     traffic,
 };
+
+/// What the admin server answers with: a whole body, or the tap's endless one.
+type AdminBody = Either<Full<Bytes>, TapBody>;
 
 /// Where each listener ended up (ports may have been 0).
 #[derive(Debug, Clone, Serialize)]
@@ -200,7 +204,7 @@ impl Admin {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let admin = admin.clone();
-                    async move { Ok::<_, std::convert::Infallible>(admin.route(req)) }
+                    async move { Ok::<_, std::convert::Infallible>(admin.respond(req)) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
@@ -211,6 +215,36 @@ impl Admin {
                 }
             });
         }
+    }
+
+    fn respond(&self, req: Request<Incoming>) -> Response<AdminBody> {
+        if req.method() == Method::GET && req.uri().path() == "/tap" {
+            return self.tap();
+        }
+        self.route(req).map(Either::Left)
+    }
+
+    /// `GET /tap`: newline-delimited JSON, one line per request this proxy finishes
+    /// from now on, until the reader hangs up.
+    fn tap(&self) -> Response<AdminBody> {
+        let watcher = match tap::global().watch() {
+            Ok(watcher) => watcher,
+            Err(e) => {
+                let mut response = Response::new(Full::new(Bytes::from(e.to_string())));
+                *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                return response.map(Either::Left);
+            }
+        };
+        let own = OwnIdentity {
+            service: self.service.clone(),
+            creds: self.creds.clone(),
+        };
+        let mut response = Response::new(Either::Right(tap::stream(watcher, own)));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/x-ndjson"),
+        );
+        response
     }
 
     fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -271,11 +305,12 @@ impl Admin {
             }
             (
                 _,
-                "/live" | "/ready" | "/metrics" | "/config" | "/certs" | "/shadow" | "/shutdown",
+                "/live" | "/ready" | "/metrics" | "/config" | "/certs" | "/shadow" | "/tap"
+                | "/shutdown",
             ) => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             _ => text(
                 StatusCode::NOT_FOUND,
-                "not found; try /live /ready /metrics /config /certs /shadow or POST /shutdown",
+                "not found; try /live /ready /metrics /config /certs /shadow /tap or POST /shutdown",
             ),
         }
     }

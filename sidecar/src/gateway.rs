@@ -13,7 +13,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use arc_swap::ArcSwap;
@@ -27,6 +27,7 @@ use crate::{
     http::{ProxyBody, REQUEST_ID, authority_of, mesh_error, serve_connection},
     inbound::rate_limit::{self, RateLimiter},
     outbound::{Outbound, destinations::Destinations, mirror::OutboundBody},
+    tap::{TapDirection, TapEvent},
     telemetry,
 };
 
@@ -139,6 +140,22 @@ impl Gateway {
             request_id = request_id.to_str().unwrap_or_default(),
             "request"
         );
+        let tap = crate::tap::global();
+        if tap.watched() {
+            tap.publish(TapEvent {
+                at: SystemTime::now(),
+                direction: TapDirection::Gateway,
+                method,
+                authority: host.unwrap_or_default(),
+                path,
+                status: response.status().as_u16(),
+                latency: elapsed,
+                peer_id: None,
+                route: None,
+                request_id,
+                client,
+            });
+        }
         response
     }
 

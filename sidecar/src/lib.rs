@@ -2,7 +2,7 @@
 //! the local app calls, the inbound mTLS listener peers call, the ingress gateway's
 //! listener (`--mode gateway`), protocol detection,
 //! load balancing, the admin server, the proxy's telemetry, the traffic ledger it
-//! reports and, in control-plane mode,
+//! reports, the request tap (`GET /tap`) and, in control-plane mode,
 //! the client that fetches its certificate and config.
 
 #![forbid(unsafe_code)]
@@ -19,6 +19,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod proxy;
 pub mod static_config;
+pub mod tap;
 pub mod telemetry;
 pub mod traffic;
 

@@ -251,6 +251,7 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
     let mut control_task = control.map(|control| {
         control.spawn(
             listeners.inbound,
+            Some(listeners.admin),
             destinations,
             config_ready,
             shutdown.clone(),

@@ -141,12 +141,18 @@ impl ControlPlane {
 
     /// Mints a join token for `service` in `default`, written to a file in the data dir.
     pub async fn join_token_file(&self, service: &str, ttl: &str) -> PathBuf {
-        let body = serde_json::json!({ "service": service, "ttl": ttl }).to_string();
+        self.join_token_file_in(service, "default", ttl).await
+    }
+
+    /// Mints a join token for `service` in `namespace`, written to a file in the data dir.
+    pub async fn join_token_file_in(&self, service: &str, namespace: &str, ttl: &str) -> PathBuf {
+        let body = serde_json::json!({ "service": service, "namespace": namespace, "ttl": ttl })
+            .to_string();
         let (status, answer) = self.call(Method::POST, "/v1/tokens", Some(&body)).await;
         assert_eq!(status, StatusCode::OK, "{answer}");
         let path = self
             .data_dir
-            .join(format!("{service}-{}.token", unique_suffix()));
+            .join(format!("{namespace}-{service}-{}.token", unique_suffix()));
         std::fs::write(&path, answer["token"].as_str().unwrap()).unwrap();
         path
     }
@@ -203,7 +209,10 @@ impl ControlPlane {
     pub async fn sidecar(&self, spec: MeshSidecarSpec) -> MeshSidecar {
         let token = match &spec.join_token {
             Some(path) => path.clone(),
-            None => self.join_token_file(&spec.service, "1h").await,
+            None => {
+                self.join_token_file_in(&spec.service, &spec.namespace, "1h")
+                    .await
+            }
         };
         let command = self.sidecar_command(&spec, &token);
         let mut process = Process::spawn(&format!("trellis-proxy {}", spec.service), command);
@@ -257,6 +266,7 @@ impl ControlPlane {
         let mut command = Command::new(crate::mesh::proxy_binary());
         command
             .args(["--service", &spec.service])
+            .args(["--namespace", &spec.namespace])
             .args(["--app-addr", &spec.app_addr.to_string()])
             .args(["--inbound-addr", "127.0.0.1:0"])
             .args(["--outbound-addr", "127.0.0.1:0"])
@@ -294,6 +304,7 @@ fn unique_suffix() -> u64 {
 #[derive(Debug, Clone)]
 pub struct MeshSidecarSpec {
     pub service: String,
+    pub namespace: String,
     pub app_addr: SocketAddr,
     pub labels: BTreeMap<String, String>,
     pub heartbeat_interval: &'static str,
@@ -312,6 +323,7 @@ impl MeshSidecarSpec {
     pub fn new(service: &str, app_addr: SocketAddr) -> Self {
         Self {
             service: service.into(),
+            namespace: "default".into(),
             app_addr,
             labels: BTreeMap::new(),
             heartbeat_interval: "1s",
@@ -324,6 +336,11 @@ impl MeshSidecarSpec {
 
     pub fn label(mut self, key: &str, value: &str) -> Self {
         self.labels.insert(key.into(), value.into());
+        self
+    }
+
+    pub fn in_namespace(mut self, namespace: &str) -> Self {
+        self.namespace = namespace.into();
         self
     }
 }

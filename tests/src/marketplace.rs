@@ -87,6 +87,16 @@ pub struct MarketplaceService {
 impl MarketplaceService {
     /// Starts `marketplace SERVICE ARGS` and its sidecar with a join token of `cp`.
     pub async fn start(cp: &ControlPlane, service: &'static str, args: &[&str]) -> Self {
+        Self::start_with(cp, service, args, |spec| spec).await
+    }
+
+    /// As `start`, with the sidecar's spec (namespace, labels) changed by `sidecar`.
+    pub async fn start_with(
+        cp: &ControlPlane,
+        service: &'static str,
+        args: &[&str],
+        sidecar: impl FnOnce(MeshSidecarSpec) -> MeshSidecarSpec,
+    ) -> Self {
         let handoff = OutboundHandoff::bind().await;
         let mut command = Command::new(marketplace_binary());
         command
@@ -99,7 +109,9 @@ impl MarketplaceService {
         let listening = app.listening(service);
         assert_eq!(listening["service"], service, "{listening}");
         let addr = addr_field(&listening, "addr");
-        let sidecar = cp.sidecar(MeshSidecarSpec::new(service, addr)).await;
+        let sidecar = cp
+            .sidecar(sidecar(MeshSidecarSpec::new(service, addr)))
+            .await;
         handoff.forward_to(sidecar.outbound);
         Self {
             service,

@@ -289,6 +289,7 @@ async fn certify_subscribe_answer_renew_reconnect_and_stop() {
     let shutdown = CancellationToken::new();
     let task = control.spawn(
         Some("0.0.0.0:15006".parse().unwrap()),
+        Some("0.0.0.0:15020".parse().unwrap()),
         destinations.clone(),
         ready.clone(),
         shutdown.clone(),
@@ -319,6 +320,10 @@ async fn certify_subscribe_answer_renew_reconnect_and_stop() {
     );
     assert_eq!(hello.labels["version"], "v2");
     assert_eq!(hello.inbound_address, "127.0.0.1:15006");
+    assert_eq!(
+        hello.admin_address, "127.0.0.1:15020",
+        "dialable, as advertised"
+    );
     assert_eq!(hello.proxy_version, env!("CARGO_PKG_VERSION"));
 
     // v1 is applied; v2 (does not compile) and v3 (does not decode) are refused and
@@ -474,6 +479,7 @@ async fn a_gateway_says_hello_with_no_address_and_stays_healthy_without_an_app()
     ));
     let shutdown = CancellationToken::new();
     let task = control.spawn(
+        None,
         None,
         destinations,
         Arc::new(AtomicBool::new(false)),

@@ -210,12 +210,15 @@ impl ControlPlane {
     /// Starts the control loop: certificates (first and renewals), the app health
     /// probe and the Discovery stream. `inbound` is the bound inbound listener, the
     /// address advertised to peers unless `--advertise-addr` says otherwise; a gateway
-    /// has none and advertises none, so it is never made anyone's endpoint.
-    /// `config_ready` turns true with the first config applied. The task ends on
-    /// `shutdown`, closing the stream so the control plane withdraws this instance.
+    /// has none and advertises none, so it is never made anyone's endpoint. `admin`
+    /// is the bound admin server, told to the control plane so `trellisctl tap` can
+    /// find it. `config_ready` turns true with the first config applied. The task
+    /// ends on `shutdown`, closing the stream so the control plane withdraws this
+    /// instance.
     pub fn spawn(
         self,
         inbound: Option<SocketAddr>,
+        admin: Option<SocketAddr>,
         destinations: Arc<ArcSwap<Destinations>>,
         config_ready: Arc<AtomicBool>,
         shutdown: CancellationToken,
@@ -265,6 +268,7 @@ impl ControlPlane {
                 instance,
                 labels,
                 advertise,
+                admin: admin.map(advertised),
             },
             heartbeat_interval,
             destinations,

@@ -52,6 +52,8 @@ pub(crate) struct HelloInfo {
     pub(crate) labels: std::collections::BTreeMap<String, String>,
     /// Where peers reach this proxy; none for a gateway, which peers never call.
     pub(crate) advertise: Option<SocketAddr>,
+    /// Its admin server, where `trellisctl tap` reads.
+    pub(crate) admin: Option<SocketAddr>,
 }
 
 #[derive(Debug)]
@@ -197,6 +199,7 @@ impl Subscriber {
             instance,
             labels,
             advertise,
+            admin,
         } = &self.hello;
         Hello {
             service: service.clone(),
@@ -207,6 +210,7 @@ impl Subscriber {
             inbound_address: advertise.map(|a| a.to_string()).unwrap_or_default(),
             healthy,
             proxy_version: env!("CARGO_PKG_VERSION").to_string(),
+            admin_address: admin.map(|a| a.to_string()).unwrap_or_default(),
         }
     }
 

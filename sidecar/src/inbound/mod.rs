@@ -13,7 +13,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use arc_swap::ArcSwap;
@@ -41,6 +41,7 @@ use crate::{
         connect::{ALPN_H2, ALPN_HTTP1, ALPN_TCP},
         destinations::Destinations,
     },
+    tap::{TapDirection, TapEvent},
     telemetry::{self, Direction},
 };
 use detect::Protocol;
@@ -284,6 +285,22 @@ impl Inbound {
             request_id = request_id.to_str().unwrap_or_default(),
             "request"
         );
+        let tap = crate::tap::global();
+        if tap.watched() {
+            tap.publish(TapEvent {
+                at: SystemTime::now(),
+                direction: TapDirection::Inbound,
+                method,
+                authority,
+                path,
+                status: response.status().as_u16(),
+                latency: elapsed,
+                peer_id: caller.peer.as_ref().map(|p| p.as_str().to_string()),
+                route: None,
+                request_id,
+                client: None,
+            });
+        }
         response
     }
 

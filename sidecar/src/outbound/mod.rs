@@ -19,7 +19,7 @@ use std::{
     future::Future,
     pin::Pin,
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use arc_swap::ArcSwap;
@@ -34,6 +34,7 @@ use crate::{
         forward_upgrade, host_of, is_upgrade, mesh_error, retarget, strip_hop_by_hop,
         strip_hop_by_hop_keeping_upgrade,
     },
+    tap::{TapDirection, TapEvent},
     telemetry::{self, Direction, RouteOutcome},
 };
 use connect::ConnectError;
@@ -192,6 +193,22 @@ impl Outbound {
             request_id = request_id.to_str().unwrap_or_default(),
             "request"
         );
+        let tap = crate::tap::global();
+        if tap.watched() {
+            tap.publish(TapEvent {
+                at: SystemTime::now(),
+                direction: TapDirection::Outbound,
+                method,
+                authority: authority.unwrap_or_default(),
+                path,
+                status: response.status().as_u16(),
+                latency: elapsed,
+                peer_id: peer_id.map(str::to_string),
+                route: route_name.map(str::to_string),
+                request_id,
+                client: None,
+            });
+        }
         match comparison {
             Some(comparison) => comparison.observe(response).map(Either::Right),
             None => response.map(Either::Left),
