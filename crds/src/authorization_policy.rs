@@ -5,6 +5,8 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::ResourceStatus;
+
 use crate::validation::{Checker, Invalid};
 
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -13,8 +15,10 @@ use crate::validation::{Checker, Invalid};
     version = "v1alpha1",
     derive = "PartialEq",
     kind = "AuthorizationPolicy",
+    status = "ResourceStatus",
     namespaced,
-    shortname = "authz"
+    shortname = "authz",
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {

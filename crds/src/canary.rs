@@ -1,12 +1,12 @@
 //! `Canary`: a progressive rollout of one service from a stable subset to a canary
 //! subset, moved along `steps` while the canary's analysis holds.
 
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    DestinationPolicySpec,
+    Condition, DestinationPolicySpec,
     validation::{Checker, Invalid},
 };
 
@@ -20,7 +20,8 @@ use crate::{
     status = "CanaryStatus",
     shortname = "can",
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
-    printcolumn = r#"{"name":"Weight","type":"integer","jsonPath":".status.weight"}"#
+    printcolumn = r#"{"name":"Weight","type":"integer","jsonPath":".status.weight"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CanarySpec {
@@ -55,7 +56,7 @@ pub struct Analysis {
 
 /// Written by the control plane's canary controller, never by `apply` (like a
 /// Kubernetes status subresource).
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CanaryStatus {
     #[serde(default)]
@@ -79,6 +80,11 @@ pub struct CanaryStatus {
     pub history: Vec<CanaryEvent>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
+    /// On Kubernetes, `Accepted` (written by the control plane's status writer; the
+    /// controller's own fields are the ones above).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<Condition>,
 }
 
 /// One analysis: the canary's and the stable subset's numbers over the interval.

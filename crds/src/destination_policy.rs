@@ -7,6 +7,8 @@ use std::{collections::BTreeMap, time::Duration};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use crate::ResourceStatus;
 use trellis_api::duration::DurationError;
 
 use crate::validation::{Checker, Invalid};
@@ -17,8 +19,10 @@ use crate::validation::{Checker, Invalid};
     version = "v1alpha1",
     derive = "PartialEq",
     kind = "DestinationPolicy",
+    status = "ResourceStatus",
     namespaced,
-    shortname = "dp"
+    shortname = "dp",
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DestinationPolicySpec {

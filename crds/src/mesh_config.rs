@@ -4,6 +4,8 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::ResourceStatus;
+
 use crate::validation::{Checker, Invalid};
 
 /// Mesh-wide settings. Only the object named `default` is read.
@@ -13,8 +15,10 @@ use crate::validation::{Checker, Invalid};
     version = "v1alpha1",
     derive = "PartialEq",
     kind = "MeshConfig",
+    status = "ResourceStatus",
     shortname = "mc",
-    validation = "self.metadata.name == 'default'"
+    validation = "self.metadata.name == 'default'",
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshConfigSpec {

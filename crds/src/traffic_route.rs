@@ -6,6 +6,8 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::ResourceStatus;
+
 use crate::{
     DestinationPolicySpec,
     validation::{Checker, Invalid},
@@ -17,8 +19,10 @@ use crate::{
     version = "v1alpha1",
     derive = "PartialEq",
     kind = "TrafficRoute",
+    status = "ResourceStatus",
     namespaced,
-    shortname = "tr"
+    shortname = "tr",
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficRouteSpec {

@@ -41,6 +41,23 @@ fn checked_in_manifests_match_the_types() {
 }
 
 #[test]
+fn manifests_read_the_same_in_yaml_1_1_and_1_2() {
+    for (file, crd) in crds() {
+        let yaml = crd_yaml(&crd).unwrap();
+        // Quoting must not change the data (a YAML 1.2 reader sees the types' CRD)...
+        let read: serde_json::Value = serde_yaml_ng::from_str(&yaml).unwrap();
+        assert_eq!(read, serde_json::to_value(&crd).unwrap(), "{file}");
+        // ...and leaves no key that kubectl's YAML 1.1 reader would take for a boolean.
+        for line in yaml.lines() {
+            let key = line.trim_start().trim_start_matches("- ");
+            for word in ["on:", "off:", "yes:", "no:", "y:", "n:"] {
+                assert!(!key.starts_with(word), "{file}: unquoted key in {line:?}");
+            }
+        }
+    }
+}
+
+#[test]
 fn manifests_carry_the_schema_limits_and_cel_rules() {
     let all: String = crds()
         .iter()
