@@ -23,6 +23,27 @@ pub struct ProxyConfig {
     /// Who may call the local app.
     #[serde(default)]
     pub inbound: InboundConfig,
+    /// Span export (MeshConfig `tracing`); absent: the sidecar exports only when
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingConfig>,
+}
+
+/// Where spans go and how many new traces are recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracingConfig {
+    /// OTLP/gRPC collector, e.g. `http://otel-collector:4317`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// Fraction of new traces (no sampled parent) recorded, 0 to 1; a caller's
+    /// decision is kept.
+    #[serde(default = "default_sampling_ratio")]
+    pub sampling_ratio: f64,
+}
+
+fn default_sampling_ratio() -> f64 {
+    1.0
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -383,6 +383,68 @@ impl Authority {
     }
 }
 
+// === impl Authority: TLS server certificates ===
+
+impl Authority {
+    /// A TLS server certificate for `dns_names` (e.g. the admission webhook's
+    /// `<service>.<namespace>.svc`) with a fresh P-256 key, signed by the
+    /// intermediate so clients trust it through the same roots as the mesh. Unlike a
+    /// workload SVID it carries DNS SANs, no SPIFFE id and only serverAuth, so no peer
+    /// can take it for a workload's identity.
+    pub fn issue_server_cert(
+        &self,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<(IssuedCert, rustls_pki_types::PrivateKeyDer<'static>), CsrError> {
+        if dns_names.is_empty() {
+            return Err(CsrError::Sign(
+                "a server certificate needs a DNS name".into(),
+            ));
+        }
+        if ttl > self.config.max_leaf_ttl {
+            return Err(CsrError::TtlTooLong {
+                requested: ttl,
+                max: self.config.max_leaf_ttl,
+            });
+        }
+        if ttl < Duration::from_secs(1) {
+            return Err(CsrError::TtlTooShort);
+        }
+        let now = OffsetDateTime::now_utc();
+        if now >= self.intermediate_not_after {
+            return Err(CsrError::AuthorityExpired);
+        }
+        let not_after = (now + ttl)
+            .min(self.intermediate_not_after)
+            .replace_nanosecond(0)
+            .unwrap_or(self.intermediate_not_after);
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| CsrError::Sign(e.to_string()))?;
+        let serial = random_serial().map_err(CsrError::Sign)?;
+        let mut params = CertificateParams::new(dns_names.to_vec())
+            .map_err(|e| CsrError::Sign(format!("DNS name: {e}")))?;
+        params.distinguished_name = DistinguishedName::new();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(SerialNumber::from_slice(&serial));
+        params.not_before = now - CLOCK_SKEW;
+        params.not_after = not_after;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| CsrError::Sign(e.to_string()))?;
+        let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let issued = IssuedCert {
+            leaf: cert.der().clone(),
+            chain: vec![self.intermediate.clone()],
+            serial: hex(&serial),
+            not_after,
+        };
+        Ok((issued, key_der))
+    }
+}
+
 impl std::fmt::Debug for Authority {
     // Key material stays out of logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
