@@ -264,7 +264,13 @@ impl Admin {
             (&Method::GET, "/metrics") => {
                 let mut body = self.metrics.render();
                 let destinations = self.destinations.load();
+                let component = if self.listeners.gateway.is_some() {
+                    "gateway"
+                } else {
+                    "sidecar"
+                };
                 body.push_str(&telemetry::render_state(
+                    component,
                     &destinations.config().version,
                     self.creds.svid().map(|svid| svid.not_after()),
                 ));

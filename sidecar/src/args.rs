@@ -12,6 +12,8 @@ pub use crate::control::ControlPlaneAddr;
     name = "trellis-proxy",
     version,
     about = "The Trellis sidecar: carries a workload's traffic over mTLS with SPIFFE identities",
+    after_help = "On Kubernetes, `trellis-proxy init` installs a pod's iptables redirects \
+                  first (see `trellis-proxy init --help`).",
     group(clap::ArgGroup::new("source").required(true).args(["config", "control_plane"]))
 )]
 pub struct Args {
@@ -93,14 +95,19 @@ pub struct Args {
 
 /// Control-plane mode: identity from `Identity.Certify`, config from
 /// `Discovery.Subscribe`. Every flag but `--control-plane` needs `--control-plane`.
+/// The first certificate is bought with exactly one credential: a join token
+/// (universal mode) or a projected ServiceAccount token (Kubernetes).
 #[derive(Debug, Clone, clap::Args)]
+#[command(group(
+    clap::ArgGroup::new("credential").args(["join_token_file", "token_file"]).multiple(false)
+))]
 pub struct ControlPlaneArgs {
     /// The control plane's gRPC address: `host:port` or `https://host:port` (TLS only).
     #[arg(
         long,
         env = "TRELLIS_CONTROL_PLANE",
         value_name = "ADDR",
-        requires_all = ["trust_anchors", "join_token_file"]
+        requires_all = ["trust_anchors", "credential"]
     )]
     pub control_plane: Option<ControlPlaneAddr>,
 
@@ -122,6 +129,17 @@ pub struct ControlPlaneArgs {
         requires = "control_plane"
     )]
     pub join_token_file: Option<PathBuf>,
+
+    /// Kubernetes: a projected ServiceAccount token (audience `trellis`), e.g.
+    /// `/var/run/secrets/trellis/token`. Read again for every certificate request,
+    /// since the kubelet rotates it; the id is the pod's namespace and service account.
+    #[arg(
+        long,
+        env = "TRELLIS_TOKEN_FILE",
+        value_name = "FILE",
+        requires = "control_plane"
+    )]
+    pub token_file: Option<PathBuf>,
 
     /// The mesh's trust domain, when the join token does not state it
     /// [default: cluster.local].
@@ -431,7 +449,31 @@ mod tests {
         let error = parse(&["--control-plane", "cp:15012", "--trust-anchors", "ca.pem"])
             .unwrap_err()
             .to_string();
-        assert!(error.contains("--join-token-file"), "{error}");
+        assert!(
+            error.contains("--join-token-file") && error.contains("--token-file"),
+            "{error}"
+        );
+        let error = parse(&[CONTROL, &["--token-file", "/var/run/secrets/trellis/token"]].concat())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("--join-token-file") && error.contains("cannot be used with"),
+            "{error}"
+        );
+        let kubernetes = parse(&[
+            "--control-plane",
+            "cp:15012",
+            "--trust-anchors",
+            "ca.pem",
+            "--token-file",
+            "/var/run/secrets/trellis/token",
+        ])
+        .unwrap();
+        assert_eq!(
+            kubernetes.control.token_file.as_deref(),
+            Some(std::path::Path::new("/var/run/secrets/trellis/token"))
+        );
+        assert!(kubernetes.control.join_token_file.is_none());
         let error = parse(&["--config", "proxy.yaml", "--labels", "version=v2"])
             .unwrap_err()
             .to_string();

@@ -29,6 +29,7 @@ use crate::{
     outbound::{Outbound, destinations::Destinations, mirror::OutboundBody},
     tap::{TapDirection, TapEvent},
     telemetry,
+    trace::{self, KeyValue, SpanKind},
 };
 
 pub const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -105,6 +106,12 @@ impl Gateway {
         if let Ok(value) = HeaderValue::from_str(host_header) {
             req.headers_mut().insert(header::HOST, value);
         }
+        trace::global().follow(&self.destinations.load());
+        // The trace starts here unless the client brought one; the outbound span is
+        // this one's child.
+        let mut span = trace::global().start(SpanKind::Server, req.headers_mut(), || {
+            format!("{method} {}", self.service).into()
+        });
 
         let mut response = match self.refusal(&req, client, host.as_deref()) {
             Some(refusal) => refusal.map(Either::Left),
@@ -117,6 +124,30 @@ impl Gateway {
         response
             .headers_mut()
             .insert(REQUEST_ID, request_id.clone());
+
+        span.record(|span| {
+            span.attributes.extend([
+                KeyValue::new("trellis.direction", "gateway"),
+                KeyValue::new("trellis.service", self.service.clone()),
+                KeyValue::new("http.request.method", method.to_string()),
+                KeyValue::new("url.path", path.clone()),
+                KeyValue::new("trellis.request_id", trace::header_text(&request_id)),
+            ]);
+            if let Some(host) = &host {
+                span.attributes
+                    .push(KeyValue::new("server.address", host.clone()));
+            }
+            if let Some(client) = client {
+                span.attributes.push(KeyValue::new(
+                    "client.address",
+                    client.ip().to_canonical().to_string(),
+                ));
+            }
+        });
+        span.end(
+            response.status(),
+            response.headers().get(crate::http::TRELLIS_ERROR),
+        );
 
         let elapsed = start.elapsed();
         let labels = [

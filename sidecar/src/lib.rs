@@ -16,11 +16,13 @@ pub mod gateway;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod init;
 pub mod outbound;
 pub mod proxy;
 pub mod static_config;
 pub mod tap;
 pub mod telemetry;
+pub mod trace;
 pub mod traffic;
 
 pub use proxy::{ProxyError, run};

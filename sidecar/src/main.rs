@@ -7,6 +7,10 @@ use std::process::ExitCode;
 use trellis_sidecar::{args::Args, telemetry};
 
 fn main() -> ExitCode {
+    // `trellis-proxy init` is the pod's iptables step, not a proxy: its own flags.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "init") {
+        return trellis_sidecar::init::main(std::env::args_os());
+    }
     let args = Args::parse_checked();
     if let Err(e) = telemetry::init_logging(args.log_format, &args.log) {
         eprintln!("trellis-proxy: {e}");

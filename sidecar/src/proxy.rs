@@ -125,6 +125,17 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
     if !admin_addr.ip().is_loopback() {
         tracing::warn!(%admin_addr, "the admin server is reachable from off this host");
     }
+    crate::trace::start(
+        crate::trace::Origin {
+            service: service.clone(),
+            namespace: namespace.clone(),
+            mode: match role {
+                Role::Sidecar { .. } => "sidecar",
+                Role::Gateway { .. } => "gateway",
+            },
+        },
+        &destinations.load_full(),
+    );
 
     // A sidecar listens for its peers and its app; a gateway for external clients only.
     let (data_listeners, gateway_listener) = match role {
@@ -203,7 +214,20 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
             tracker.clone(),
             move |tcp, drain| {
                 let _ = tcp.set_nodelay(true);
-                serve_connection(tcp, service.clone(), drain, idle_timeout)
+                let service = service.clone();
+                async move {
+                    // Behind the iptables redirect on Kubernetes, what is not HTTP
+                    // goes on to where the app sent it.
+                    match crate::init::outbound(tcp, detect_timeout, &drain).await {
+                        crate::init::Outbound::Direct(tcp) => {
+                            serve_connection(tcp, service, drain, idle_timeout).await;
+                        }
+                        crate::init::Outbound::Http(io) => {
+                            serve_connection(io, service, drain, idle_timeout).await;
+                        }
+                        crate::init::Outbound::PassedThrough => {}
+                    }
+                }
             },
         ));
     }

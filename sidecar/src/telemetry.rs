@@ -2,7 +2,11 @@
 //! admin server renders; every request gets one access-log line, an `x-request-id`
 //! and a W3C `traceparent`.
 
-use std::{collections::HashMap, sync::LazyLock, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::LazyLock,
+    time::Duration,
+};
 
 use http::{HeaderMap, HeaderValue, StatusCode};
 use metrics::Counter;
@@ -12,7 +16,7 @@ use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::{
     args::LogFormat,
-    http::{REQUEST_ID, TRACEPARENT},
+    http::REQUEST_ID,
     traffic::{RouteKey, RouteNames},
 };
 
@@ -27,6 +31,8 @@ pub const CERT_RENEWALS: &str = "trellis_certificate_renewals_total";
 /// exact in both modes and an old config version leaves no series behind.
 pub const CERT_EXPIRY: &str = "trellis_certificate_expiry_timestamp_seconds";
 pub const CONFIG_VERSION: &str = "trellis_config_version_info";
+/// `trellis_build_info{component,version} 1`: which build runs, in which mode.
+pub const BUILD_INFO: &str = "trellis_build_info";
 pub const ROUTE_BACKEND_REQUESTS: &str = "trellis_route_backend_requests_total";
 
 /// Fine enough below a millisecond, where a sidecar's own cost lives.
@@ -108,6 +114,10 @@ fn describe_resilience() {
     );
     metrics::describe_gauge!(bulkhead::IN_FLIGHT, "Requests holding a bulkhead slot");
     metrics::describe_gauge!(bulkhead::QUEUED, "Requests waiting for a bulkhead slot");
+    metrics::describe_gauge!(
+        bulkhead::CAPACITY,
+        "A bulkhead's maxConcurrentRequests: in_flight / capacity is its saturation"
+    );
     metrics::describe_counter!(
         bulkhead::REJECTED,
         "Requests refused with 503 bulkhead-full"
@@ -132,10 +142,18 @@ fn describe_shadow() {
 }
 
 /// The gauges that describe current state rather than events, in Prometheus text, to
-/// append to the recorder's output.
-pub fn render_state(config_version: &str, cert_not_after: Option<std::time::SystemTime>) -> String {
+/// append to the recorder's output. `component`: `sidecar` or `gateway`.
+pub fn render_state(
+    component: &str,
+    config_version: &str,
+    cert_not_after: Option<std::time::SystemTime>,
+) -> String {
     use std::fmt::Write;
-    let mut out = String::new();
+    let mut out = format!(
+        "# HELP {BUILD_INFO} The running build: component (sidecar or gateway) and version\n\
+         # TYPE {BUILD_INFO} gauge\n{BUILD_INFO}{{component=\"{component}\",version=\"{}\"}} 1\n\n",
+        env!("CARGO_PKG_VERSION")
+    );
     if let Some(not_after) = cert_not_after {
         let unix = not_after
             .duration_since(std::time::UNIX_EPOCH)
@@ -188,8 +206,30 @@ impl Direction {
     }
 }
 
+/// Distinct `peer_service` values a sidecar labels its requests with; callers beyond
+/// them are counted as `other`. Peers are services of the mesh (verified identities or
+/// configured destinations), so only a mesh of more services than this reaches it.
+pub const MAX_PEER_SERVICES: usize = 256;
+
+/// The `peer_service` values in use, for the cap.
+static PEER_SERVICES: LazyLock<RwLock<HashSet<String>>> = LazyLock::new(RwLock::default);
+
+/// `peer`, or `other` once `MAX_PEER_SERVICES` others are in use.
+pub fn bounded_peer(peer: &str) -> &str {
+    if PEER_SERVICES.read().contains(peer) {
+        return peer;
+    }
+    let mut peers = PEER_SERVICES.write();
+    if peers.len() < MAX_PEER_SERVICES {
+        peers.insert(peer.to_string());
+        return peer;
+    }
+    if peers.contains(peer) { peer } else { "other" }
+}
+
 /// Counts one finished request. Labels are bounded: service names from config, peer
-/// names from verified mesh identities, status codes.
+/// names from verified mesh identities (capped: `bounded_peer`), status codes (three
+/// digits).
 pub fn record_request(
     direction: Direction,
     service: &str,
@@ -200,7 +240,7 @@ pub fn record_request(
     let labels = [
         ("direction", direction.as_str().to_string()),
         ("service", service.to_string()),
-        ("peer_service", peer_service.to_string()),
+        ("peer_service", bounded_peer(peer_service).to_string()),
     ];
     metrics::histogram!(REQUEST_DURATION, &labels).record(elapsed.as_secs_f64());
     let code = ("code", status.as_u16().to_string());
@@ -280,51 +320,17 @@ pub fn record_tls_error(direction: Direction, reason: &'static str) {
         .increment(1);
 }
 
-/// Ensures the request carries an `x-request-id` (kept when present) and a
-/// `traceparent` (same trace, a new parent span for this hop; a new trace when absent
-/// or malformed). Returns the request id for the access log.
+/// Ensures the request carries an `x-request-id` (kept when present). Returns it for
+/// the access log. `traceparent` is the hop's span's (`crate::trace`).
 pub fn correlate(headers: &mut HeaderMap) -> HeaderValue {
-    let request_id = match headers.get(REQUEST_ID) {
+    match headers.get(REQUEST_ID) {
         Some(id) if !id.is_empty() => id.clone(),
         _ => {
             let id = hex_id(16);
             headers.insert(REQUEST_ID, id.clone());
             id
         }
-    };
-    let parent = headers
-        .get(TRACEPARENT)
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_traceparent)
-        .map(|(trace, flags)| format!("00-{trace}-{}-{flags}", hex(8)));
-    // A new trace is sampled; the tracing issue brings ratio-based sampling.
-    let traceparent = parent.unwrap_or_else(|| format!("00-{}-{}-01", hex(16), hex(8)));
-    if let Ok(value) = HeaderValue::from_str(&traceparent) {
-        headers.insert(TRACEPARENT, value);
     }
-    request_id
-}
-
-/// Trace id and flags of a valid `traceparent`. Per W3C, a version above 00 is read
-/// as 00 (it may carry more fields after the four we know); version ff is invalid.
-fn parse_traceparent(value: &str) -> Option<(&str, &str)> {
-    let mut parts = value.split('-');
-    let (version, trace, parent, flags) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let is_hex = |s: &str, len: usize| {
-        s.len() == len
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    let valid = is_hex(version, 2)
-        && version != "ff"
-        && (version != "00" || parts.next().is_none())
-        && is_hex(trace, 32)
-        && trace.bytes().any(|b| b != b'0')
-        && is_hex(parent, 16)
-        && parent.bytes().any(|b| b != b'0')
-        && is_hex(flags, 2);
-    valid.then_some((trace, flags))
 }
 
 /// `bytes` random bytes as lowercase hex: ids, not secrets.
@@ -351,7 +357,7 @@ mod tests {
     #[test]
     fn state_gauges_render_as_prometheus_text() {
         let at = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let text = render_state("v\"1\\", Some(at));
+        let text = render_state("gateway", "v\"1\\", Some(at));
         assert!(
             text.contains("trellis_certificate_expiry_timestamp_seconds 1700000000\n"),
             "{text}"
@@ -360,8 +366,30 @@ mod tests {
             text.contains("trellis_config_version_info{version=\"v\\\"1\\\\\"} 1\n"),
             "{text}"
         );
-        assert_eq!(render_state("", None), "");
+        assert!(
+            text.contains(&format!(
+                "trellis_build_info{{component=\"gateway\",version=\"{}\"}} 1\n",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{text}"
+        );
+        let bare = render_state("sidecar", "", None);
+        assert!(
+            !bare.contains(CONFIG_VERSION) && !bare.contains(CERT_EXPIRY),
+            "{bare}"
+        );
         assert_eq!(random_hex(4).len(), 8);
+    }
+
+    #[test]
+    fn peer_services_beyond_the_cap_are_counted_as_other() {
+        let kept: Vec<String> = (0..MAX_PEER_SERVICES + 10)
+            .map(|i| format!("cap-test-{i}"))
+            .filter(|peer| bounded_peer(peer) == peer)
+            .collect();
+        assert!(!kept.is_empty() && kept.len() <= MAX_PEER_SERVICES);
+        assert_eq!(bounded_peer("cap-test-never-seen"), "other");
+        assert!(kept.iter().all(|peer| bounded_peer(peer) == peer));
     }
 
     #[test]
@@ -372,46 +400,5 @@ mod tests {
         assert_eq!(headers[REQUEST_ID], made);
         let kept = correlate(&mut headers);
         assert_eq!(kept, made);
-    }
-
-    #[test]
-    fn traceparent_continues_the_trace_with_a_new_span() {
-        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let mut headers = HeaderMap::new();
-        headers.insert(TRACEPARENT, HeaderValue::from_static(incoming));
-        correlate(&mut headers);
-        let out = headers[TRACEPARENT].to_str().unwrap().to_string();
-        assert!(
-            out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
-            "{out}"
-        );
-        assert_ne!(out, incoming);
-        assert_eq!(
-            parse_traceparent(&out),
-            Some(("4bf92f3577b34da6a3ce929d0e0e4736", "01"))
-        );
-
-        // The caller's "not sampled" is kept; a future version is read as 00.
-        let unsampled = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00-extra";
-        headers.insert(TRACEPARENT, HeaderValue::from_static(unsampled));
-        correlate(&mut headers);
-        let out = headers[TRACEPARENT].to_str().unwrap();
-        assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && out.ends_with("-00"));
-
-        for bad in [
-            "garbage",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
-        ] {
-            headers.insert(TRACEPARENT, HeaderValue::from_static(bad));
-            correlate(&mut headers);
-            let out = headers[TRACEPARENT].to_str().unwrap();
-            assert!(
-                !out.contains("4bf92f3577b34da6a3ce929d0e0e4736"),
-                "{bad} was continued"
-            );
-            assert!(parse_traceparent(out).is_some());
-        }
     }
 }

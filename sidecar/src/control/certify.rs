@@ -19,7 +19,7 @@ use trellis_api::{
 use trellis_ca::{Credentials, SpiffeId, Svid, TrustBundle, WorkloadKey};
 
 use super::{
-    Backoff, CALL_TIMEOUT, ControlError, ControlPlaneAddr, JoinToken, TokenError, connect,
+    Backoff, CALL_TIMEOUT, ControlError, ControlPlaneAddr, JoinToken, SaTokenFile, connect,
 };
 use crate::telemetry;
 
@@ -57,6 +57,7 @@ enum Proof {
     /// The current SVID, presented in the TLS handshake.
     Svid,
     JoinToken,
+    ServiceAccountToken,
 }
 
 impl Proof {
@@ -64,6 +65,45 @@ impl Proof {
         match self {
             Self::Svid => "svid",
             Self::JoinToken => "join-token",
+            Self::ServiceAccountToken => "sa-token",
+        }
+    }
+}
+
+/// What buys a certificate when there is none to renew with.
+#[derive(Debug, Clone)]
+pub(crate) enum Bootstrap {
+    /// Universal mode: read once at start.
+    Join(JoinToken),
+    /// Kubernetes: a projected ServiceAccount token, read again for every request.
+    ServiceAccount(SaTokenFile),
+}
+
+impl Bootstrap {
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Self::Join(_) => Proof::JoinToken.as_str(),
+            Self::ServiceAccount(_) => Proof::ServiceAccountToken.as_str(),
+        }
+    }
+
+    /// The credential to send now, or why there is none.
+    fn credential(&self, now: SystemTime) -> Result<(Proof, credential::Kind), ControlError> {
+        match self {
+            Self::Join(token) => {
+                token.check_unexpired(now)?;
+                Ok((
+                    Proof::JoinToken,
+                    credential::Kind::JoinToken(token.secret().to_string()),
+                ))
+            }
+            Self::ServiceAccount(file) => {
+                let token = file.current(now)?;
+                Ok((
+                    Proof::ServiceAccountToken,
+                    credential::Kind::ServiceAccountToken(token.secret().to_string()),
+                ))
+            }
         }
     }
 }
@@ -80,7 +120,7 @@ pub(crate) struct Certifier {
     pub(crate) creds: Credentials,
     pub(crate) id: SpiffeId,
     pub(crate) server_id: SpiffeId,
-    pub(crate) token: JoinToken,
+    pub(crate) bootstrap: Bootstrap,
     /// Zero asks for the mesh default.
     pub(crate) cert_ttl: Duration,
 }
@@ -138,42 +178,42 @@ impl Certifier {
     }
 
     /// Renews with the current SVID while it is valid, else (or when that fails) asks
-    /// with the join token while that is valid.
+    /// with the join token while that is valid, or with the ServiceAccount token as
+    /// the file holds it now.
     async fn certify(&self) -> Result<Issued, ControlError> {
         let now = SystemTime::now();
         let renewable = self.creds.svid().is_some_and(|svid| svid.not_after() > now);
         let renewal_error = if renewable {
-            match self.request(Proof::Svid).await {
+            match self.request(Proof::Svid, None).await {
                 Ok(issued) => return Ok(issued),
                 Err(error) => Some(error),
             }
         } else {
             None
         };
-        if self.token.is_expired(SystemTime::now()) {
-            return Err(
-                renewal_error.unwrap_or(ControlError::Token(TokenError::Expired {
-                    expired_at_unix: self.token.claims().exp,
-                })),
-            );
-        }
+        let (proof, kind) = match self.bootstrap.credential(SystemTime::now()) {
+            Ok(credential) => credential,
+            Err(error) => return Err(renewal_error.unwrap_or(error)),
+        };
         if let Some(error) = renewal_error {
-            tracing::info!(%error, "renewing with the current certificate failed; trying the join token");
+            tracing::info!(%error, via = proof.as_str(), "renewing with the current certificate failed; trying the bootstrap credential");
         }
-        self.request(Proof::JoinToken).await
+        self.request(proof, Some(kind)).await
     }
 
-    async fn request(&self, proof: Proof) -> Result<Issued, ControlError> {
+    async fn request(
+        &self,
+        proof: Proof,
+        kind: Option<credential::Kind>,
+    ) -> Result<Issued, ControlError> {
         let key = WorkloadKey::generate().map_err(ControlError::Key)?;
         let csr = key.csr(&self.id).map_err(ControlError::Key)?;
         let (tls_creds, credential) = match proof {
             Proof::Svid => (self.creds.clone(), None),
             // No certificate in this handshake: an expired one would get it refused.
-            Proof::JoinToken => (
+            Proof::JoinToken | Proof::ServiceAccountToken => (
                 Credentials::new(TrustBundle::clone(&self.creds.bundle())),
-                Some(Credential {
-                    kind: Some(credential::Kind::JoinToken(self.token.secret().to_string())),
-                }),
+                Some(Credential { kind }),
             ),
         };
         let channel = connect(&self.addr, &tls_creds, &self.server_id).await?;

@@ -53,6 +53,8 @@ enum Event {
     Certify {
         join_token: bool,
         caller: Option<SpiffeId>,
+        /// The ServiceAccount token sent, if any.
+        sa_token: Option<String>,
     },
     Subscribed(Hello),
     Answer(Kind),
@@ -78,15 +80,19 @@ impl Identity for Fake {
             requested_id,
             ttl_seconds,
         } = request.into_inner();
-        let join_token = matches!(
-            credential.and_then(|c| c.kind),
-            Some(credential::Kind::JoinToken(_))
-        );
+        let kind = credential.and_then(|c| c.kind);
+        let join_token = matches!(kind, Some(credential::Kind::JoinToken(_)));
+        let sa_token = match kind {
+            Some(credential::Kind::ServiceAccountToken(token)) => Some(token),
+            _ => None,
+        };
+        let bootstrap = join_token || sa_token.is_some();
         let _ = self.events.send(Event::Certify {
             join_token,
             caller: caller.clone(),
+            sa_token,
         });
-        if !join_token && caller.is_none() {
+        if !bootstrap && caller.is_none() {
             return Err(Status::unauthenticated("no credential"));
         }
         assert_eq!(ttl_seconds, LEAF_TTL.as_secs(), "--cert-ttl is asked for");
@@ -270,6 +276,7 @@ async fn certify_subscribe_answer_renew_reconnect_and_stop() {
         control_plane: Some(format!("https://{addr}").parse().unwrap()),
         trust_anchors: Some(dir.path().join("anchors.pem")),
         join_token_file: Some(dir.path().join("token")),
+        token_file: None,
         trust_domain: None,
         labels: Some(Labels([("version".to_string(), "v2".to_string())].into())),
         instance: None,
@@ -297,7 +304,9 @@ async fn certify_subscribe_answer_renew_reconnect_and_stop() {
 
     // The first certificate is bought with the join token, without a client certificate.
     let (join_token, caller) = next_event(&mut events, "Certify", |e| match e {
-        Event::Certify { join_token, caller } => Some((join_token, caller)),
+        Event::Certify {
+            join_token, caller, ..
+        } => Some((join_token, caller)),
         _ => None,
     })
     .await;
@@ -369,6 +378,7 @@ async fn certify_subscribe_answer_renew_reconnect_and_stop() {
         Event::Certify {
             join_token: false,
             caller,
+            ..
         } => Some(caller),
         _ => None,
     })
@@ -419,6 +429,7 @@ fn a_token_for_another_service_stops_the_start() {
             control_plane: Some("127.0.0.1:1".parse().unwrap()),
             trust_anchors: Some(dir.path().join("anchors.pem")),
             join_token_file: Some(dir.path().join("token")),
+            token_file: None,
             trust_domain: None,
             labels: None,
             instance: Some("payment-1".into()),
@@ -465,6 +476,7 @@ async fn a_gateway_says_hello_with_no_address_and_stays_healthy_without_an_app()
         control_plane: Some(format!("https://{addr}").parse().unwrap()),
         trust_anchors: Some(dir.path().join("anchors.pem")),
         join_token_file: Some(dir.path().join("token")),
+        token_file: None,
         trust_domain: None,
         labels: None,
         instance: None,
@@ -510,4 +522,67 @@ async fn next_heartbeats(events: &mut mpsc::UnboundedReceiver<Event>, n: usize) 
         beats.push(healthy);
     }
     beats
+}
+
+/// Kubernetes: the first certificate is bought with the projected ServiceAccount token
+/// as the file holds it, for the id the token names (not `--service`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_account_token_buys_the_certificate_for_its_account() {
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (addr, anchors) = control_plane(events_tx).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("anchors.pem"), anchors).unwrap();
+    let token = crate::control::sa_token::tests::order_token(4_102_444_800);
+    std::fs::write(dir.path().join("sa-token"), &token).unwrap();
+    let args = ControlPlaneArgs {
+        control_plane: Some(format!("https://{addr}").parse().unwrap()),
+        trust_anchors: Some(dir.path().join("anchors.pem")),
+        join_token_file: None,
+        token_file: Some(dir.path().join("sa-token")),
+        trust_domain: None,
+        labels: None,
+        instance: None,
+        advertise_addr: None,
+        heartbeat_interval: Duration::from_millis(200),
+        report_interval: Duration::from_secs(10),
+        cert_ttl: Some(LEAF_TTL),
+    };
+    // The app is called `orders` but runs as service account `order`.
+    let control = ControlPlane::new(args, "orders", "shop", None).unwrap();
+    let creds = control.credentials().clone();
+    let destinations = Arc::new(ArcSwap::from_pointee(
+        Destinations::compile(ProxyConfig::default(), &creds).unwrap(),
+    ));
+    let shutdown = CancellationToken::new();
+    let task = control.spawn(
+        None,
+        None,
+        destinations,
+        Arc::new(AtomicBool::new(false)),
+        shutdown.clone(),
+    );
+    let (sent, caller) = next_event(&mut events, "Certify", |e| match e {
+        Event::Certify {
+            sa_token: Some(sent),
+            caller,
+            ..
+        } => Some((sent, caller)),
+        _ => None,
+    })
+    .await;
+    assert_eq!(sent, token);
+    assert!(caller.is_none(), "no certificate to present yet");
+    tokio::time::timeout(WAIT, async {
+        while creds.svid().is_none() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        creds.svid().unwrap().id().as_str(),
+        "spiffe://cluster.local/ns/shop/sa/order"
+    );
+    shutdown.cancel();
+    tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
 }

@@ -13,6 +13,7 @@ pub mod certify;
 #[cfg(test)]
 mod fake_control_plane;
 pub mod report;
+pub mod sa_token;
 pub mod subscribe;
 pub mod token;
 
@@ -32,10 +33,11 @@ use tokio::{net::TcpStream, sync::watch, task::JoinHandle};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint, Uri};
-use trellis_ca::{Credentials, SpiffeId, TrustBundle};
+use trellis_ca::{Credentials, SpiffeId, TrustBundle, TrustDomain};
 
 pub use backoff::Backoff;
 pub use certify::{renewal_delay, retry_delay};
+pub use sa_token::{SaToken, SaTokenError, SaTokenFile};
 pub use token::{JoinToken, TokenError};
 
 use crate::{args::ControlPlaneArgs, outbound::destinations::Destinations, telemetry};
@@ -68,6 +70,13 @@ pub enum SetupError {
     TokenFile { path: PathBuf, reason: String },
     #[error("--join-token-file {path}: {source}")]
     Token { path: PathBuf, source: TokenError },
+    #[error("{0}")]
+    ServiceAccountToken(#[from] SaTokenError),
+    #[error(
+        "give exactly one credential: --join-token-file (universal mode) or --token-file \
+         (a projected ServiceAccount token on Kubernetes)"
+    )]
+    Credential,
     #[error("--control-plane is required in control-plane mode")]
     NoControlPlane,
 }
@@ -97,6 +106,8 @@ pub enum ControlError {
     Bundle(#[from] trellis_ca::BundleError),
     #[error("{0}")]
     Token(#[from] TokenError),
+    #[error("{0}")]
+    ServiceAccountToken(#[from] SaTokenError),
     #[error("the control plane closed the stream: {0}")]
     Stream(String),
 }
@@ -119,7 +130,7 @@ pub struct ControlPlane {
     creds: Credentials,
     id: SpiffeId,
     server_id: SpiffeId,
-    token: JoinToken,
+    bootstrap: certify::Bootstrap,
     cert_ttl: Duration,
     service: String,
     namespace: String,
@@ -145,6 +156,7 @@ impl ControlPlane {
             control_plane,
             trust_anchors,
             join_token_file,
+            token_file,
             trust_domain,
             labels,
             instance,
@@ -156,32 +168,64 @@ impl ControlPlane {
         let addr = control_plane.ok_or(SetupError::NoControlPlane)?;
         let anchors_path = trust_anchors.unwrap_or_default();
         let bundle = read_trust_anchors(&anchors_path)?;
-        let token_path = join_token_file.unwrap_or_default();
-        let token = read_join_token(&token_path)?;
-        let token_error = |source| SetupError::Token {
-            path: token_path.clone(),
-            source,
+        let (id, bootstrap, credential_expires) = match (join_token_file, token_file) {
+            (Some(token_path), None) => {
+                let token = read_join_token(&token_path)?;
+                let token_error = |source| SetupError::Token {
+                    path: token_path.clone(),
+                    source,
+                };
+                let id = token
+                    .identity(service, namespace, trust_domain.as_ref())
+                    .map_err(token_error)?;
+                // Without a certificate to renew, an expired token is the end of the road.
+                token
+                    .check_unexpired(SystemTime::now())
+                    .map_err(token_error)?;
+                let expires = telemetry::rfc3339(token.expires_at());
+                (id, certify::Bootstrap::Join(token), expires)
+            }
+            (None, Some(token_path)) => {
+                // The id is the pod's service account, not --service: the control plane
+                // reviews the token and signs for what it names.
+                let trust_domain = match trust_domain {
+                    Some(td) => td,
+                    None => TrustDomain::parse(token::DEFAULT_TRUST_DOMAIN).map_err(|e| {
+                        SetupError::Token {
+                            path: token_path.clone(),
+                            source: TokenError::Identity(e),
+                        }
+                    })?,
+                };
+                let (file, token) = SaTokenFile::open(token_path, &trust_domain)?;
+                token.check_unexpired(file.path(), SystemTime::now())?;
+                // The kubelet rotates the file; the expiry of this reading says little.
+                let id = file.id().clone();
+                (
+                    id,
+                    certify::Bootstrap::ServiceAccount(file),
+                    "rotated by the kubelet".to_string(),
+                )
+            }
+            _ => return Err(SetupError::Credential),
         };
-        let id = token
-            .identity(service, namespace, trust_domain.as_ref())
-            .map_err(token_error)?;
-        // Without a certificate to renew, an expired token is the end of the road.
-        token
-            .check_unexpired(SystemTime::now())
-            .map_err(token_error)?;
         let server_id = SpiffeId::workload(
             &id.trust_domain(),
             CONTROL_PLANE_NAMESPACE,
             CONTROL_PLANE_SERVICE,
         )
-        .map_err(|e| token_error(TokenError::Identity(e)))?;
+        .map_err(|e| SetupError::Token {
+            path: PathBuf::new(),
+            source: TokenError::Identity(e),
+        })?;
         let instance =
             instance.unwrap_or_else(|| format!("{service}-{}", telemetry::random_hex(4)));
         tracing::info!(
             control_plane = %addr,
             %id,
             instance,
-            token_expires = %telemetry::rfc3339(token.expires_at()),
+            credential = bootstrap.kind(),
+            credential_expires,
             "control-plane mode"
         );
         Ok(Self {
@@ -189,7 +233,7 @@ impl ControlPlane {
             creds: Credentials::new(bundle),
             id,
             server_id,
-            token,
+            bootstrap,
             cert_ttl: cert_ttl.unwrap_or_default(),
             service: service.to_string(),
             namespace: namespace.to_string(),
@@ -228,7 +272,7 @@ impl ControlPlane {
             creds,
             id,
             server_id,
-            token,
+            bootstrap,
             cert_ttl,
             service,
             namespace,
@@ -246,7 +290,7 @@ impl ControlPlane {
             creds: creds.clone(),
             id,
             server_id: server_id.clone(),
-            token,
+            bootstrap,
             cert_ttl,
         };
         // Reports ride on the Discovery stream's connection: one per proxy, not two.
@@ -506,6 +550,7 @@ mod tests {
             control_plane: Some("127.0.0.1:1".parse().unwrap()),
             trust_anchors: Some(anchors.into()),
             join_token_file: Some(token.into()),
+            token_file: None,
             trust_domain: None,
             labels: None,
             instance: None,

@@ -43,6 +43,7 @@ use crate::{
     },
     tap::{TapDirection, TapEvent},
     telemetry::{self, Direction},
+    trace::{self, KeyValue, SpanKind},
 };
 use detect::Protocol;
 use rate_limit::RateLimiter;
@@ -241,6 +242,11 @@ impl Inbound {
         let authority = authority_of(&req)
             .map(str::to_string)
             .unwrap_or_else(|| self.app_addr.to_string());
+        trace::global().follow(&self.destinations.load());
+        // The app gets this span's traceparent: its own calls are this hop's children.
+        let mut span = trace::global().start(SpanKind::Server, req.headers_mut(), || {
+            format!("{method} {}", self.service).into()
+        });
 
         let (limited, authorized) = {
             let destinations = self.destinations.load();
@@ -264,6 +270,26 @@ impl Inbound {
             self.allowed.increment(1);
             self.forward(req, caller, protocol, &authority).await
         };
+
+        span.record(|span| {
+            span.attributes.extend([
+                KeyValue::new("trellis.direction", "inbound"),
+                KeyValue::new("trellis.service", self.service.clone()),
+                KeyValue::new("http.request.method", method.to_string()),
+                KeyValue::new("url.path", path.clone()),
+                KeyValue::new("server.address", authority.clone()),
+                KeyValue::new("trellis.request_id", trace::header_text(&request_id)),
+                KeyValue::new("trellis.peer.service", caller.peer_service.clone()),
+            ]);
+            if let Some(peer) = &caller.peer {
+                span.attributes
+                    .push(KeyValue::new("trellis.peer.id", peer.as_str().to_string()));
+            }
+        });
+        span.end(
+            response.status(),
+            response.headers().get(crate::http::TRELLIS_ERROR),
+        );
 
         let elapsed = start.elapsed();
         telemetry::record_request(

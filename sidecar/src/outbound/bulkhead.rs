@@ -30,6 +30,7 @@ use crate::http::{ProxyBody, mesh_error};
 pub const IN_FLIGHT: &str = "trellis_bulkhead_in_flight";
 pub const QUEUED: &str = "trellis_bulkhead_queued";
 pub const REJECTED: &str = "trellis_bulkhead_rejected_total";
+pub const CAPACITY: &str = "trellis_bulkhead_capacity";
 
 /// The pool of requests whose route names none.
 pub const DEFAULT_POOL: &str = "default";
@@ -200,6 +201,8 @@ impl Pool {
         in_flight_gauge.increment(0.0);
         queued_gauge.increment(0.0);
         rejected.increment(0);
+        // The newest limits are the ones in force.
+        metrics::gauge!(CAPACITY, &labels).set(f64::from(limits.max_concurrent));
         Self {
             service: service.to_string(),
             name: name.to_string(),
@@ -317,6 +320,18 @@ impl Pool {
             ),
         };
         tracing::debug!(error = %message, "bulkhead refused a request");
+        crate::trace::event("bulkhead rejected", || {
+            use crate::trace::KeyValue;
+            let reason = match refusal {
+                Refusal::Full => "full",
+                Refusal::WaitedTooLong => "max_pending_time",
+                Refusal::Deadline => "route_timeout",
+            };
+            vec![
+                KeyValue::new("trellis.bulkhead", name.clone()),
+                KeyValue::new("trellis.bulkhead.reason", reason),
+            ]
+        });
         mesh_error(status, kind, message)
     }
 }

@@ -16,6 +16,7 @@ pub mod retry;
 pub mod route;
 
 use std::{
+    borrow::Cow,
     future::Future,
     pin::Pin,
     sync::Arc,
@@ -36,6 +37,7 @@ use crate::{
     },
     tap::{TapDirection, TapEvent},
     telemetry::{self, Direction, RouteOutcome},
+    trace::{self, KeyValue, SpanKind},
 };
 use connect::ConnectError;
 use destinations::{Destinations, Endpoint};
@@ -80,6 +82,11 @@ impl Outbound {
         let path = req.uri().path().to_string();
         let authority = authority_of(&req).map(str::to_string);
         let destinations = self.destinations.load();
+        trace::global().follow(&destinations);
+        // Named for its destination once the route is known.
+        let mut span = trace::global().start(SpanKind::Client, req.headers_mut(), || {
+            Cow::Borrowed("outbound")
+        });
         let destination = match to {
             Some(name) => destinations.get(name),
             None => authority
@@ -91,75 +98,117 @@ impl Outbound {
         let mut subset = None;
         let mut served = None;
         let mut comparison = None;
-        let (response, peer_service, peer_id) = match (destination, authority.as_deref()) {
-            (Some(destination), Some(authority)) => {
-                let (route, backend) = destination.route(&req);
-                route_name = route.map(|r| r.name.as_str());
-                subset = backend.subset.as_deref();
-                served = Some(RouteRecord {
-                    service: &self.service,
-                    // Counted for the service that serves it: a rule of `gateway` (or of
-                    // any service) that sends to `storefront` is traffic to storefront.
-                    destination: &backend.service,
-                    route: route_name.unwrap_or(DEFAULT_ROUTE),
-                    backend,
-                    start,
-                    recorded: false,
-                });
-                let deadline = route
-                    .and_then(|r| r.timeout)
-                    .and_then(|t| Some((start.checked_add(t)?, t)));
-                let until = deadline.map(|(at, _)| tokio::time::Instant::from_std(at));
-                let pool = match route {
-                    Some(route) => route.bulkhead.as_ref(),
-                    None => destination.bulkheads.default_pool(),
-                };
-                let (response, peer_id) = 'answer: {
-                    // Faults come first: an injected delay holds no slot and an abort
-                    // takes none.
-                    if let Some(fault) = route.and_then(|r| r.fault.as_ref())
-                        && let Some(answer) = fault.inject(&destination.name, until).await
-                    {
-                        break 'answer (answer, None);
-                    }
-                    // Held until the response headers are in (ProxyBody has no room
-                    // to carry it to the body's end): see docs/resilience.md.
-                    let _slot = match pool {
-                        Some(pool) => match pool.enter(until).await {
-                            Ok(slot) => Some(slot),
-                            Err(refusal) => break 'answer (pool.refusal(refusal), None),
-                        },
-                        None => None,
+        // Retries, ejections and bulkhead refusals on the way are the span's events.
+        let routed = span.scope(async {
+            match (destination, authority.as_deref()) {
+                (Some(destination), Some(authority)) => {
+                    let (route, backend) = destination.route(&req);
+                    route_name = route.map(|r| r.name.as_str());
+                    subset = backend.subset.as_deref();
+                    served = Some(RouteRecord {
+                        service: &self.service,
+                        // Counted for the service that serves it: a rule of `gateway` (or of
+                        // any service) that sends to `storefront` is traffic to storefront.
+                        destination: &backend.service,
+                        route: route_name.unwrap_or(DEFAULT_ROUTE),
+                        backend,
+                        start,
+                        recorded: false,
+                    });
+                    let deadline = route
+                        .and_then(|r| r.timeout)
+                        .and_then(|t| Some((start.checked_add(t)?, t)));
+                    let until = deadline.map(|(at, _)| tokio::time::Instant::from_std(at));
+                    let pool = match route {
+                        Some(route) => route.bulkhead.as_ref(),
+                        None => destination.bulkheads.default_pool(),
                     };
-                    // Only a request that is sent is copied, and its copy is no reason
-                    // to refuse or delay it.
-                    let shadow = match route.and_then(|r| r.mirror.as_ref()) {
-                        Some(mirror) => mirror.admit(&req).map(|(shadow, compare)| {
-                            comparison = compare;
-                            shadow
-                        }),
-                        None => None,
+                    let (response, peer_id) = 'answer: {
+                        // Faults come first: an injected delay holds no slot and an abort
+                        // takes none.
+                        if let Some(fault) = route.and_then(|r| r.fault.as_ref())
+                            && let Some(answer) = fault.inject(&destination.name, until).await
+                        {
+                            break 'answer (answer, None);
+                        }
+                        // Held until the response headers are in (ProxyBody has no room
+                        // to carry it to the body's end): see docs/resilience.md.
+                        let _slot = match pool {
+                            Some(pool) => match pool.enter(until).await {
+                                Ok(slot) => Some(slot),
+                                Err(refusal) => break 'answer (pool.refusal(refusal), None),
+                            },
+                            None => None,
+                        };
+                        // Only a request that is sent is copied, and its copy is no reason
+                        // to refuse or delay it.
+                        let shadow = match route.and_then(|r| r.mirror.as_ref()) {
+                            Some(mirror) => mirror.admit(&req).map(|(shadow, compare)| {
+                                comparison = compare;
+                                shadow
+                            }),
+                            None => None,
+                        };
+                        let authority = match to {
+                            Some(_) => backend.service.as_str(),
+                            None => authority,
+                        };
+                        forward(route, backend, deadline, req, authority, shadow).await
                     };
-                    let authority = match to {
-                        Some(_) => backend.service.as_str(),
-                        None => authority,
+                    (response, backend.service.as_str(), peer_id)
+                }
+                _ => {
+                    let message = match &authority {
+                        Some(a) => {
+                            format!("no service named {:?} in this proxy's config", host_of(a))
+                        }
+                        None => "the request names no destination (no Host header or absolute URI)"
+                            .into(),
                     };
-                    forward(route, backend, deadline, req, authority, shadow).await
-                };
-                (response, backend.service.as_str(), peer_id)
+                    let response =
+                        mesh_error(StatusCode::SERVICE_UNAVAILABLE, "unknown-service", message);
+                    (response, "unknown", None)
+                }
             }
-            _ => {
-                let message = match &authority {
-                    Some(a) => format!("no service named {:?} in this proxy's config", host_of(a)),
-                    None => {
-                        "the request names no destination (no Host header or absolute URI)".into()
-                    }
-                };
-                let response =
-                    mesh_error(StatusCode::SERVICE_UNAVAILABLE, "unknown-service", message);
-                (response, "unknown", None)
+        });
+        let (response, peer_service, peer_id) = routed.await;
+
+        span.record(|span| {
+            span.name = Cow::Owned(format!("{method} {peer_service}"));
+            let attributes = &mut span.attributes;
+            attributes.extend([
+                KeyValue::new("trellis.direction", "outbound"),
+                KeyValue::new("trellis.service", self.service.clone()),
+                KeyValue::new("trellis.destination", peer_service.to_string()),
+                KeyValue::new("http.request.method", method.to_string()),
+                KeyValue::new("url.path", path.clone()),
+                KeyValue::new("trellis.request_id", trace::header_text(&request_id)),
+            ]);
+            if let Some(authority) = &authority {
+                attributes.push(KeyValue::new("server.address", authority.clone()));
             }
-        };
+            if let Some(served) = &served {
+                attributes.push(KeyValue::new("trellis.route", served.route.to_string()));
+                attributes.push(KeyValue::new(
+                    "trellis.backend",
+                    served.backend.label().to_string(),
+                ));
+            }
+            if let Some(peer_id) = peer_id {
+                attributes.push(KeyValue::new("trellis.peer.id", peer_id.to_string()));
+            }
+            // Set with the header when the route retries; otherwise one try if any.
+            let attempts = response
+                .headers()
+                .get(retry::ATTEMPTS)
+                .and_then(|v| v.to_str().ok()?.parse::<i64>().ok())
+                .unwrap_or(i64::from(peer_id.is_some()));
+            attributes.push(KeyValue::new("trellis.retry.attempts", attempts));
+        });
+        span.end(
+            response.status(),
+            response.headers().get(crate::http::TRELLIS_ERROR),
+        );
 
         let elapsed = start.elapsed();
         telemetry::record_request(
@@ -442,6 +491,9 @@ async fn forward<'d>(
         if !backend.budget.try_withdraw(Instant::now()) {
             metrics::counter!(retry::BUDGET_EXHAUSTED, "service" => backend.service.clone())
                 .increment(1);
+            trace::event("retry budget exhausted", || {
+                vec![KeyValue::new("trellis.retry.reason", failure.reason())]
+            });
             tracing::debug!(
                 service = backend.service,
                 "retry budget spent: the failure is returned as is"
@@ -460,6 +512,16 @@ async fn forward<'d>(
             "reason" => failure.reason(),
         )
         .increment(1);
+        trace::event("retry", || {
+            vec![
+                KeyValue::new("trellis.retry.attempt", i64::from(tries + 1)),
+                KeyValue::new("trellis.retry.reason", failure.reason()),
+                KeyValue::new(
+                    "trellis.retry.previous_endpoint",
+                    endpoint.target.addr.to_string(),
+                ),
+            ]
+        });
         request = next.request();
         last_failure = Some(response);
     }

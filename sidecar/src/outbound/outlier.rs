@@ -245,6 +245,14 @@ impl Breaker {
                     "endpoint" => outlier.addr.to_string()
                 )
                 .increment(1);
+                crate::trace::event("endpoint ejected", || {
+                    use crate::trace::KeyValue;
+                    vec![
+                        KeyValue::new("trellis.endpoint", outlier.addr.to_string()),
+                        KeyValue::new("trellis.ejection_ms", ejection.as_millis() as i64),
+                        KeyValue::new("trellis.ejections", i64::from(ejections)),
+                    ]
+                });
                 tracing::info!(
                     service = %self.service,
                     endpoint = %outlier.addr,
