@@ -1,6 +1,6 @@
 //! The admin server: liveness, readiness and Prometheus metrics.
 
-use std::{convert::Infallible, time::Duration};
+use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -10,10 +10,31 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use trellis_crds::{CanaryStatus, Document};
+
+use crate::{
+    compiler::Compiler,
+    store::{ResourceKey, Store},
+    telemetry::{self, CanaryState},
+};
+
+/// What `/metrics` renders: the recorder's events and the state read at scrape time.
+#[derive(Clone)]
+pub struct Admin {
+    pub metrics: PrometheusHandle,
+    pub store: Arc<Store>,
+    pub compiler: Arc<Compiler>,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin").finish_non_exhaustive()
+    }
+}
 
 /// Serves until `shutdown`. The control plane binds this last, so once it answers
 /// every other listener is up: `/ready` is true whenever it is reachable.
-pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, shutdown: CancellationToken) {
+pub async fn serve(listener: TcpListener, admin: Admin, shutdown: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -23,10 +44,10 @@ pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, shutdown: C
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        let metrics = metrics.clone();
+        let admin = admin.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let metrics = metrics.clone();
-            async move { Ok::<_, Infallible>(handle(&req, &metrics)) }
+            let admin = admin.clone();
+            async move { Ok::<_, Infallible>(handle(&req, &admin).await) }
         });
         tokio::spawn(async move {
             let _ = hyper::server::conn::http1::Builder::new()
@@ -38,13 +59,13 @@ pub async fn serve(listener: TcpListener, metrics: PrometheusHandle, shutdown: C
     }
 }
 
-fn handle(req: &Request<Incoming>, metrics: &PrometheusHandle) -> Response<Full<Bytes>> {
+async fn handle(req: &Request<Incoming>, admin: &Admin) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/live" | "/ready") => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         (&Method::GET, "/metrics") => (
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            metrics.render(),
+            render(admin).await,
         ),
         _ => (
             StatusCode::NOT_FOUND,
@@ -59,4 +80,60 @@ fn handle(req: &Request<Incoming>, metrics: &PrometheusHandle) -> Response<Full<
         http::HeaderValue::from_static(content_type),
     );
     response
+}
+
+async fn render(admin: &Admin) -> String {
+    let mut body = admin.metrics.render();
+    // The compiled revision is read first: the canaries it shows are at least as new.
+    let revision = admin.compiler.compiled_revision();
+    let store = admin.store.clone();
+    let canaries = match tokio::task::spawn_blocking(move || canaries(&store)).await {
+        Ok(Ok(canaries)) => canaries,
+        // The rest of the metrics are still worth a scrape.
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "metrics: could not read the canaries");
+            Vec::new()
+        }
+        Err(error) => {
+            tracing::warn!(%error, "metrics: reading the canaries failed");
+            Vec::new()
+        }
+    };
+    body.push_str(&telemetry::render_state(revision, &canaries));
+    body
+}
+
+/// Every Canary with its status (a canary the controller has not seen yet is
+/// `Pending` at 0%). Blocking: store reads.
+fn canaries(store: &Store) -> Result<Vec<CanaryState>, crate::store::StoreError> {
+    let mut out = Vec::new();
+    for document in store.list(Some("Canary"))? {
+        let Document::Canary(canary) = document else {
+            continue;
+        };
+        let namespace = canary
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let name = canary.metadata.name.clone().unwrap_or_default();
+        // Keyed as the controller keys the status it writes.
+        let key = ResourceKey {
+            kind: "Canary".into(),
+            namespace: Some(namespace.clone()),
+            name: name.clone(),
+        };
+        let status: CanaryStatus = store
+            .status(&key)?
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        out.push(CanaryState {
+            namespace,
+            name,
+            service: canary.spec.service.clone(),
+            status,
+        });
+    }
+    out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    Ok(out)
 }

@@ -21,7 +21,7 @@ use trellis_ca::Authority;
 use trellis_crds::{Document, parse_documents};
 
 use crate::{
-    canary::{Action, ActionError, CanaryController},
+    canary::{Action, ActionError, CanaryController, HomeError},
     compiler::Compiler,
     join_token::JoinTokens,
     registry::{ConfigState, Registry},
@@ -43,6 +43,8 @@ const DEFAULT_STATS_WINDOW: &str = "60s";
 
 pub struct OperatorApi {
     pub token: String,
+    /// Where the web dashboard listens, for `trellisctl dashboard`.
+    pub dashboard: std::net::SocketAddr,
     pub store: Arc<Store>,
     pub registry: Arc<Registry>,
     pub compiler: Arc<Compiler>,
@@ -234,7 +236,28 @@ impl OperatorApi {
         let path = req.uri().path().to_string();
         let query = req.uri().query().map(str::to_string);
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let kubernetes = self.compiler.source().mode() == crate::source::Mode::Kubernetes;
         let result = match (&method, segments.as_slice()) {
+            // The cluster owns the resources; a write here would be silently ignored.
+            (&Method::POST, ["v1", "apply"]) | (&Method::DELETE, ["v1", "resources", ..])
+                if kubernetes =>
+            {
+                Err(error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "in kubernetes mode, use kubectl apply (or kubectl delete): resources come from the cluster",
+                ))
+            }
+            (&Method::GET, ["v1", "endpoints"]) if kubernetes => Ok(answer(
+                StatusCode::OK,
+                &json!({ "items": self.compiler.source().endpoints() }),
+            )),
+            (&Method::GET, ["v1", "source"]) => Ok(answer(
+                StatusCode::OK,
+                &json!({
+                    "mode": self.compiler.source().mode(),
+                    "problems": self.compiler.source().problems(),
+                }),
+            )),
             (&Method::POST, ["v1", "apply"]) => self.apply(req).await,
             (&Method::GET, ["v1", "resources", kind]) => self.list(kind, query.as_deref()).await,
             (&Method::GET, ["v1", "resources", kind, name]) => {
@@ -258,6 +281,13 @@ impl OperatorApi {
                 self.canary_action(name, action, query.as_deref()).await
             }
             (&Method::GET, ["v1", "status"]) => self.status().await,
+            (&Method::GET, ["v1", "dashboard"]) => Ok(answer(
+                StatusCode::OK,
+                &json!({
+                    "addr": self.dashboard,
+                    "url": crate::dashboard::url(self.dashboard),
+                }),
+            )),
             _ => Err(error(
                 StatusCode::NOT_FOUND,
                 format!("no such API: {method} {path}"),
@@ -354,6 +384,15 @@ impl OperatorApi {
     async fn list(&self, kind: &str, query: Option<&str>) -> Result<Answer, Refusal> {
         let kind = kind_of(kind)?;
         let namespace = query_param(query, "namespace").map(str::to_string);
+        if let Some(documents) = self.compiler.source().documents() {
+            let items = documents
+                .iter()
+                .filter(|d| d.kind() == kind)
+                .filter(|d| namespace.is_none() || d.namespace() == namespace.as_deref())
+                .map(|d| with_status(d, None))
+                .collect::<Result<Vec<_>, _>>()?;
+            return Ok(answer(StatusCode::OK, &json!({ "items": items })));
+        }
         let store = self.store.clone();
         let (documents, statuses) =
             blocking(move || Ok((store.list(Some(kind))?, store.statuses(kind)?))).await?;
@@ -373,6 +412,17 @@ impl OperatorApi {
 
     async fn get(&self, kind: &str, name: &str, query: Option<&str>) -> Result<Answer, Refusal> {
         let key = Self::key(kind_of(kind)?, name, query);
+        if let Some(documents) = self.compiler.source().documents() {
+            let found = documents.iter().find(|d| {
+                d.kind() == key.kind
+                    && d.name() == key.name
+                    && d.namespace() == key.namespace.as_deref()
+            });
+            return match found {
+                Some(document) => Ok(answer(StatusCode::OK, &with_status(document, None)?)),
+                None => Err(error(StatusCode::NOT_FOUND, format!("{key} not found"))),
+            };
+        }
         let store = self.store.clone();
         let lookup = key.clone();
         let found = blocking(move || Ok((store.get(&lookup)?, store.status(&lookup)?))).await?;
@@ -417,7 +467,14 @@ impl OperatorApi {
             Err(ActionError::Refused(why)) => {
                 Err(error(StatusCode::CONFLICT, format!("{key}: {why}")))
             }
-            Err(ActionError::Store(e)) => Err(store_failure(e)),
+            Err(ActionError::Home(HomeError::Store(e))) => Err(store_failure(e)),
+            Err(ActionError::Home(HomeError::Kubernetes(kube::Error::Api(e)))) if e.code == 409 => {
+                Err(error(
+                    StatusCode::CONFLICT,
+                    format!("{key} changed while the action was applied; try again"),
+                ))
+            }
+            Err(ActionError::Home(e)) => Err(error(StatusCode::BAD_GATEWAY, e)),
         }
     }
 

@@ -3,11 +3,18 @@
 //! rolls it back to 0% on a failed analysis, promotes it after the last step, and
 //! carries out the operator's pause, resume, promote and abort.
 //!
-//! The status lives in the store next to the Canary (see `Store::put_status`), so a
-//! restarted control plane resumes where it was; only the step clock starts over,
-//! because the reports it would judge by were kept in memory. A weight change bumps
-//! the store's revision and wakes the compiler, which splits the routes by the status
-//! (`compiler::split_for_canary`).
+//! In universal mode the status lives in the store next to the Canary (see
+//! `Store::put_status`), so a restarted control plane resumes where it was; only the
+//! step clock starts over, because the reports it would judge by were kept in memory.
+//! A weight change bumps the store's revision and wakes the compiler, which splits the
+//! routes by the status (`compiler::split_for_canary`).
+//!
+//! In kubernetes mode the Canary objects come from the config source and the status
+//! is written to their status subresource (server-side apply, field manager
+//! [`CONTROLLER_MANAGER`], with the resourceVersion that was read as a precondition, so
+//! a status that changed meanwhile is never overwritten); the watch brings it back to
+//! the source and the compiler. Only the leader ticks; an operator's action may come
+//! through any replica.
 
 use std::{
     sync::Arc,
@@ -23,7 +30,7 @@ use trellis_crds::{
 };
 
 use crate::{
-    compiler::Compiler,
+    compiler::{Compiler, Resources},
     reports::{BackendStats, Reports},
     store::{ResourceKey, Store, StoreError},
 };
@@ -61,12 +68,50 @@ pub enum ActionError {
     #[error("{0}")]
     Refused(String),
     #[error(transparent)]
+    Home(#[from] HomeError),
+}
+
+/// Reading or writing where canaries live failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("writing the canary's status to the Kubernetes API: {0}")]
+    Kubernetes(#[from] kube::Error),
+    #[error("writing the canary's status to the Kubernetes API took longer than {0:?}")]
+    KubernetesTimeout(Duration),
+}
+
+/// The field manager of the canary controller's status fields on Kubernetes; the
+/// status writer's conditions have their own, so neither removes the other's.
+pub const CONTROLLER_MANAGER: &str = "trellis-canary-controller";
+/// How long one status write to the Kubernetes API may take.
+const KUBERNETES_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the canaries and their statuses live.
+enum Home {
+    /// Universal mode: both in the store.
+    Store(Arc<Store>),
+    /// Kubernetes mode: the Canary objects as the config source read them; statuses
+    /// are written to the cluster from blocking sections through `runtime`.
+    Cluster {
+        client: kube::Client,
+        runtime: tokio::runtime::Handle,
+    },
+}
+
+impl std::fmt::Debug for Home {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Store(_) => "Home::Store",
+            Self::Cluster { .. } => "Home::Cluster",
+        })
+    }
 }
 
 #[derive(Debug)]
 pub struct CanaryController {
-    store: Arc<Store>,
+    home: Home,
     reports: Arc<Reports>,
     compiler: Arc<Compiler>,
     /// Ticks and operator actions each read a status and write the next one: one at a
@@ -77,9 +122,25 @@ pub struct CanaryController {
 }
 
 impl CanaryController {
+    /// Universal mode: canaries and their statuses in `store`.
     pub fn new(store: Arc<Store>, reports: Arc<Reports>, compiler: Arc<Compiler>) -> Self {
+        Self::with_home(Home::Store(store), reports, compiler)
+    }
+
+    /// Kubernetes mode: canaries from the compiler's source, statuses to the cluster.
+    /// Call from within the runtime.
+    pub fn on_cluster(
+        client: kube::Client,
+        reports: Arc<Reports>,
+        compiler: Arc<Compiler>,
+    ) -> Self {
+        let runtime = tokio::runtime::Handle::current();
+        Self::with_home(Home::Cluster { client, runtime }, reports, compiler)
+    }
+
+    fn with_home(home: Home, reports: Arc<Reports>, compiler: Arc<Compiler>) -> Self {
         Self {
-            store,
+            home,
             reports,
             compiler,
             writing: Mutex::new(()),
@@ -103,24 +164,33 @@ impl CanaryController {
         }
     }
 
-    /// One round over every canary. Blocking (store reads and writes). A canary whose
-    /// status cannot be read or written is skipped this round, not the others.
-    pub fn tick(&self) -> Result<(), StoreError> {
+    /// One round over every canary. Blocking (store or API reads and writes). A canary
+    /// whose status cannot be read or written is skipped this round, not the others.
+    pub fn tick(&self) -> Result<(), HomeError> {
         let _writing = self.writing.lock();
-        for document in self.store.list(Some("Canary"))? {
-            let Document::Canary(canary) = document else {
-                continue;
-            };
+        for (canary, status) in self.canaries()? {
             let key = key_of(&canary);
-            if let Err(error) = self.step(&key, &canary) {
-                tracing::error!(%error, canary = %key, "the canary controller skipped a canary this round");
+            match self.step(&key, &canary, status) {
+                Ok(()) => {}
+                // Changed since it was read (often by our own write the watch has yet
+                // to bring back): read again next round.
+                Err(HomeError::Kubernetes(kube::Error::Api(e))) if e.code == 409 => {
+                    tracing::debug!(canary = %key, "the canary changed meanwhile; next round");
+                }
+                Err(error) => {
+                    tracing::warn!(%error, canary = %key, "the canary controller skipped a canary this round");
+                }
             }
         }
         Ok(())
     }
 
-    fn step(&self, key: &ResourceKey, canary: &Canary) -> Result<(), StoreError> {
-        let status = self.status(key)?;
+    fn step(
+        &self,
+        key: &ResourceKey,
+        canary: &Canary,
+        status: Option<CanaryStatus>,
+    ) -> Result<(), HomeError> {
         let now = SystemTime::now();
         let next = advance(
             &canary.spec,
@@ -137,7 +207,7 @@ impl CanaryController {
             },
         );
         match next {
-            Some(next) => self.write(key, status.as_ref(), &next),
+            Some(next) => self.write(key, canary, status.as_ref(), &next),
             None => Ok(()),
         }
     }
@@ -145,40 +215,79 @@ impl CanaryController {
     /// Carries out an operator's `action` on the canary at `key`; the new status.
     pub fn act(&self, key: &ResourceKey, action: Action) -> Result<CanaryStatus, ActionError> {
         let _writing = self.writing.lock();
-        let Some(Document::Canary(canary)) = self.store.get(key)? else {
+        let Some((canary, status)) = self
+            .canaries()?
+            .into_iter()
+            .find(|(canary, _)| key_of(canary) == *key)
+        else {
             return Err(ActionError::NotFound(key.clone()));
         };
-        let status = self.status(key)?;
         let now = SystemTime::now();
         let current = match &status {
             Some(s) if s.spec_digest == spec_digest(&canary.spec) => s.clone(),
             _ => start(&canary.spec, now),
         };
         let next = operate(&current, action, now).map_err(ActionError::Refused)?;
-        self.write(key, status.as_ref(), &next)?;
+        self.write(key, &canary, status.as_ref(), &next)?;
         Ok(next)
     }
 
-    fn status(&self, key: &ResourceKey) -> Result<Option<CanaryStatus>, StoreError> {
-        Ok(self.store.status(key)?.and_then(|bytes| {
-            serde_json::from_slice(&bytes)
-                .inspect_err(|error| {
-                    tracing::warn!(%error, canary = %key, "unreadable canary status; starting over")
-                })
-                .ok()
-        }))
+    /// Every canary with the controller's latest status of it.
+    fn canaries(&self) -> Result<Vec<(Canary, Option<CanaryStatus>)>, HomeError> {
+        match &self.home {
+            Home::Store(store) => {
+                let mut canaries = Vec::new();
+                for document in store.list(Some("Canary"))? {
+                    if let Document::Canary(canary) = document {
+                        let status = stored_status(store, &key_of(&canary))?;
+                        canaries.push((canary, status));
+                    }
+                }
+                Ok(canaries)
+            }
+            Home::Cluster { .. } => {
+                let (_, resources) = self.compiler.source().resources()?;
+                let Resources {
+                    canaries,
+                    mut canary_status,
+                    ..
+                } = resources;
+                Ok(canaries
+                    .into_iter()
+                    .map(|canary| {
+                        let key = key_of(&canary);
+                        let status = canary_status
+                            .remove(&(key.namespace.unwrap_or_else(|| "default".into()), key.name));
+                        (canary, status)
+                    })
+                    .collect())
+            }
+        }
     }
 
     fn write(
         &self,
         key: &ResourceKey,
+        canary: &Canary,
         before: Option<&CanaryStatus>,
         next: &CanaryStatus,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), HomeError> {
         let weight_changed = before.is_none_or(|b| b.weight != next.weight);
-        let bytes = serde_json::to_vec(next).unwrap_or_default();
-        // A canary deleted meanwhile keeps no status.
-        if self.store.put_status(key, &bytes, weight_changed)? {
+        let written = match &self.home {
+            Home::Store(store) => {
+                let bytes = serde_json::to_vec(next).unwrap_or_default();
+                // A canary deleted meanwhile keeps no status.
+                store.put_status(key, &bytes, weight_changed)?
+            }
+            Home::Cluster { client, runtime } => {
+                let write = write_to_cluster(client, canary, next);
+                runtime
+                    .block_on(tokio::time::timeout(KUBERNETES_WRITE_TIMEOUT, write))
+                    .map_err(|_| HomeError::KubernetesTimeout(KUBERNETES_WRITE_TIMEOUT))??;
+                true
+            }
+        };
+        if written {
             if before.is_none_or(|b| b.phase != next.phase || b.weight != next.weight) {
                 tracing::info!(
                     canary = %key,
@@ -188,12 +297,57 @@ impl CanaryController {
                     "canary"
                 );
             }
-            if weight_changed {
+            // On the cluster, the watch wakes the compiler once the status is back.
+            if weight_changed && matches!(self.home, Home::Store(_)) {
                 self.compiler.changed();
             }
         }
         Ok(())
     }
+}
+
+fn stored_status(store: &Store, key: &ResourceKey) -> Result<Option<CanaryStatus>, StoreError> {
+    Ok(store.status(key)?.and_then(|bytes| {
+        serde_json::from_slice(&bytes)
+            .inspect_err(|error| {
+                tracing::warn!(%error, canary = %key, "unreadable canary status; starting over")
+            })
+            .ok()
+    }))
+}
+
+/// Applies the controller's fields of `status` to `canary`'s status subresource, on
+/// condition that the Canary is still at the resourceVersion it was read at: a status
+/// someone changed meanwhile (an operator's action through another replica, or this
+/// controller's own write the watch has not brought back yet) is read again next round.
+async fn write_to_cluster(
+    client: &kube::Client,
+    canary: &Canary,
+    status: &CanaryStatus,
+) -> Result<(), kube::Error> {
+    let namespace = canary.metadata.namespace.as_deref().unwrap_or("default");
+    let name = canary.metadata.name.as_deref().unwrap_or_default();
+    let mut status = status.clone();
+    // The status writer's.
+    status.conditions.clear();
+    let mut metadata = serde_json::json!({"name": name, "namespace": namespace});
+    if let Some(version) = &canary.metadata.resource_version {
+        metadata["resourceVersion"] = version.as_str().into();
+    }
+    let patch = serde_json::json!({
+        "apiVersion": format!("{}/{}", trellis_crds::GROUP, trellis_crds::VERSION),
+        "kind": "Canary",
+        "metadata": metadata,
+        "status": status,
+    });
+    let api: kube::Api<Canary> = kube::Api::namespaced(client.clone(), namespace);
+    api.patch_status(
+        name,
+        &kube::api::PatchParams::apply(CONTROLLER_MANAGER).force(),
+        &kube::api::Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
 }
 
 fn key_of(canary: &Canary) -> ResourceKey {
@@ -359,6 +513,7 @@ fn start(spec: &CanarySpec, now: SystemTime) -> CanaryStatus {
         last_analysis: None,
         history: Vec::new(),
         message: format!("started: {}% to {}", weight, spec.canary_subset),
+        conditions: Vec::new(),
     };
     record(&mut status, now);
     status

@@ -19,7 +19,7 @@ use trellis_api::config::{
     CircuitBreakerConfig, EndpointConfig, FaultAbortConfig, FaultConfig, FaultDelayConfig,
     HeaderMatchConfig, InboundConfig, MirrorConfig, MtlsMode, OperationConfig, ProxyConfig,
     RateLimitConfig, RetriesConfig, RetryBudgetConfig, RouteConfig, RouteMatchConfig,
-    ServiceConfig, SourceConfig,
+    ServiceConfig, SourceConfig, TracingConfig,
 };
 use trellis_crds::{
     AuthorizationPolicy, Canary, CanarySpec, CanaryStatus, DefaultAuthorization, DestinationPolicy,
@@ -28,6 +28,7 @@ use trellis_crds::{
 
 use crate::{
     registry::{EndpointView, Group, Registry},
+    source::{ConfigSource, Universal},
     store::Store,
     telemetry,
 };
@@ -90,6 +91,8 @@ pub struct Catalog {
     /// By (namespace, service); route backends name services of the same namespace.
     services: BTreeMap<(String, String), ServiceConfig>,
     mtls: MtlsMode,
+    /// MeshConfig `tracing`, the same for every proxy.
+    tracing: Option<TracingConfig>,
 }
 
 impl Catalog {
@@ -181,7 +184,19 @@ impl Catalog {
             Some(Mtls::Permissive) => MtlsMode::Permissive,
             Some(Mtls::Strict) | None => MtlsMode::Strict,
         };
-        Self { services, mtls }
+        let tracing = resources
+            .mesh
+            .as_ref()
+            .and_then(|m| m.tracing.as_ref())
+            .map(|t| TracingConfig {
+                otlp_endpoint: t.otlp_endpoint.clone(),
+                sampling_ratio: t.sampling_ratio,
+            });
+        Self {
+            services,
+            mtls,
+            tracing,
+        }
     }
 
     /// The config of a proxy in `namespace`: services of its own namespace go by their
@@ -214,6 +229,7 @@ impl Catalog {
             mtls: self.mtls,
             services,
             inbound,
+            tracing: self.tracing.clone(),
         }
     }
 }
@@ -454,6 +470,8 @@ pub struct Compiler {
     /// The store revision the last finished round compiled (at least).
     compiled_revision: std::sync::atomic::AtomicU64,
     cert_ttl: watch::Sender<Duration>,
+    /// Resources and endpoints: the store and registry, or the cluster.
+    source: Arc<dyn ConfigSource>,
 }
 
 impl Compiler {
@@ -465,6 +483,10 @@ impl Compiler {
         debounce: Duration,
         cert_ttl: watch::Sender<Duration>,
     ) -> Self {
+        let source = Arc::new(Universal {
+            store: store.clone(),
+            registry: registry.clone(),
+        });
         Self {
             store,
             registry,
@@ -475,7 +497,19 @@ impl Compiler {
             persisted: Mutex::default(),
             compiled_revision: std::sync::atomic::AtomicU64::new(0),
             cert_ttl,
+            source,
         }
+    }
+
+    /// Compiles from `source` instead of the store and the registry (which still say
+    /// which proxies are connected); the source wakes the compiler's trigger on change.
+    pub fn with_source(mut self, source: Arc<dyn ConfigSource>) -> Self {
+        self.source = source;
+        self
+    }
+
+    pub fn source(&self) -> &Arc<dyn ConfigSource> {
+        &self.source
     }
 
     /// The snapshots for `group`: the current one (if compiled yet), then every new one.
@@ -547,28 +581,17 @@ impl Compiler {
     /// publish the ones that changed. Blocking (store reads); runs off the runtime.
     pub fn compile_round(&self) -> Result<(), crate::store::StoreError> {
         let start = Instant::now();
-        // Read before the resources: what is compiled is at least this revision.
-        let revision = self.store.revision()?;
-        let mut resources = Resources::from_documents(self.store.list(None)?);
-        for ((namespace, name), bytes) in self.store.statuses("Canary")? {
-            match serde_json::from_slice(&bytes) {
-                Ok(status) => {
-                    resources.canary_status.insert((namespace, name), status);
-                }
-                // The controller writes it anew on its next step; until then the
-                // canary gets nothing, which is the safe side.
-                Err(error) => {
-                    tracing::warn!(%error, namespace, name, "unreadable canary status")
-                }
-            }
-        }
+        let (revision, resources) = self.source.resources()?;
         // Without a MeshConfig (or after its deletion) the default applies again.
         let ttl = resources.cert_ttl().unwrap_or(DEFAULT_CERT_TTL);
         self.cert_ttl
             .send_if_modified(|current| std::mem::replace(current, ttl) != ttl);
-        let endpoints = self.registry.endpoints();
-        // Losing this only costs a smoother restart; it must not stop configs.
-        if let Err(error) = self.persist_endpoints(&endpoints) {
+        let endpoints = self.source.endpoints();
+        // Losing this only costs a smoother restart; it must not stop configs. A cluster
+        // keeps its endpoints itself.
+        if self.source.mode() == crate::source::Mode::Universal
+            && let Err(error) = self.persist_endpoints(&endpoints)
+        {
             tracing::warn!(%error, "saving the registry's endpoints failed");
         }
         let known = {
@@ -827,6 +850,32 @@ spec:
         assert_eq!(config.mtls, MtlsMode::Permissive);
         assert_eq!(config.inbound.default, AuthorizationDefault::Deny);
         assert_eq!(r.cert_ttl(), Some(Duration::from_secs(7200)));
+        assert_eq!(config.tracing, None);
+    }
+
+    #[test]
+    fn mesh_config_tracing_reaches_every_proxy() {
+        let r = resources(
+            "apiVersion: trellis.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\n\
+             spec: {tracing: {otlpEndpoint: \"http://collector:4317\", samplingRatio: 0.25}}\n",
+        );
+        let config = compile(&web(), &r, &[]);
+        assert_eq!(
+            config.tracing,
+            Some(TracingConfig {
+                otlp_endpoint: Some("http://collector:4317".into()),
+                sampling_ratio: 0.25,
+            })
+        );
+        // A changed ratio is a new config version, so proxies are sent it.
+        let other = resources(
+            "apiVersion: trellis.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: default}\n\
+             spec: {tracing: {otlpEndpoint: \"http://collector:4317\", samplingRatio: 0.5}}\n",
+        );
+        assert_ne!(
+            seal(compile(&web(), &r, &[])).version,
+            seal(compile(&web(), &other, &[])).version
+        );
     }
 
     /// Every resilience field of the example reaches the config the sidecars run:

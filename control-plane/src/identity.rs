@@ -6,19 +6,74 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use k8s_openapi::api::authentication::v1::TokenReviewStatus;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 use trellis_api::identity::v1::{
     CertifyRequest, CertifyResponse, credential::Kind, identity_server::Identity,
 };
-use trellis_ca::Authority;
+use trellis_ca::{Authority, CsrError, SpiffeId, TrustDomain};
 
 use crate::{grpc_tls::Caller, join_token::JoinTokens};
+
+/// The audience a projected ServiceAccount token must be minted for.
+pub const TOKEN_AUDIENCE: &str = "trellis";
+
+/// Asks Kubernetes whether a ServiceAccount token is genuine: a TokenReview with
+/// `spec.audiences: [audience]` (`kubernetes::identity::KubeTokenReviewer`). What the
+/// review says is judged by [`reviewed_id`], not by the reviewer.
+#[tonic::async_trait]
+pub trait TokenReviewer: Send + Sync + std::fmt::Debug {
+    /// The review's status, or why the API server could not be asked.
+    async fn review(&self, token: &str, audience: &str) -> Result<TokenReviewStatus, String>;
+}
+
+/// The id a TokenReview vouches for: only an authenticated token for
+/// [`TOKEN_AUDIENCE`] whose user is `system:serviceaccount:<ns>:<sa>` buys
+/// `spiffe://<td>/ns/<ns>/sa/<sa>`. Namespace and account come from the review,
+/// never from the request.
+pub fn reviewed_id(
+    review: &TokenReviewStatus,
+    trust_domain: &TrustDomain,
+) -> Result<SpiffeId, String> {
+    if review.authenticated != Some(true) {
+        return Err(match review.error.as_deref() {
+            Some(error) if !error.is_empty() => {
+                format!("the ServiceAccount token was not authenticated: {error}")
+            }
+            _ => "the ServiceAccount token was not authenticated".to_string(),
+        });
+    }
+    let audiences = review.audiences.as_deref().unwrap_or_default();
+    if !audiences.iter().any(|a| a == TOKEN_AUDIENCE) {
+        return Err(format!(
+            "the ServiceAccount token is not for audience {TOKEN_AUDIENCE:?} (it is for {audiences:?}); \
+             mount a projected token with `audience: {TOKEN_AUDIENCE}`"
+        ));
+    }
+    let username = review
+        .user
+        .as_ref()
+        .and_then(|u| u.username.as_deref())
+        .unwrap_or_default();
+    let account = username
+        .strip_prefix("system:serviceaccount:")
+        .and_then(|rest| rest.split_once(':'))
+        .filter(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains(':'));
+    let Some((namespace, account)) = account else {
+        return Err(format!(
+            "the token's user {username:?} is not a ServiceAccount (system:serviceaccount:<namespace>:<name>)"
+        ));
+    };
+    SpiffeId::workload(trust_domain, namespace, account).map_err(|e| e.to_string())
+}
 
 #[derive(Debug)]
 pub struct IdentityService {
     authority: Arc<Authority>,
     tokens: Arc<JoinTokens>,
+    /// Kubernetes mode: checks ServiceAccount tokens. Universal mode has none.
+    reviewer: Option<Arc<dyn TokenReviewer>>,
     /// The lifetime given when a request asks for none (MeshConfig certTTL); the
     /// control plane updates it when a MeshConfig is applied.
     default_ttl: watch::Receiver<Duration>,
@@ -37,8 +92,15 @@ impl IdentityService {
         Self {
             authority,
             tokens,
+            reviewer: None,
             default_ttl,
         }
+    }
+
+    /// Accepts projected ServiceAccount tokens, checked by `reviewer` (Kubernetes mode).
+    pub fn with_token_reviewer(mut self, reviewer: Arc<dyn TokenReviewer>) -> Self {
+        self.reviewer = Some(reviewer);
+        self
     }
 }
 
@@ -70,11 +132,27 @@ impl Identity for IdentityService {
                     }
                 }
             }
-            Some(Kind::ServiceAccountToken(_)) => {
-                return Err(Status::unimplemented(
-                    "ServiceAccount tokens are checked in Kubernetes mode; this control plane \
-                     runs in universal mode: use a join token",
-                ));
+            Some(Kind::ServiceAccountToken(token)) => {
+                let Some(reviewer) = &self.reviewer else {
+                    return Err(Status::unimplemented(
+                        "ServiceAccount tokens are checked in Kubernetes mode; this control plane \
+                         runs in universal mode: use a join token",
+                    ));
+                };
+                credential_kind = "sa-token";
+                let review = reviewer.review(&token, TOKEN_AUDIENCE).await.map_err(|e| {
+                    tracing::warn!(error = %e, requested_id, "TokenReview failed");
+                    Status::unavailable(format!("the TokenReview could not be made: {e}"))
+                })?;
+                match reviewed_id(&review, self.authority.trust_domain()) {
+                    // Kubernetes rotates projected tokens itself; the certificate's own
+                    // lifetime bounds it, and renewal goes by the certificate.
+                    Ok(id) => (id, now + self.authority.max_leaf_ttl()),
+                    Err(message) => {
+                        tracing::info!(%message, requested_id, "Certify refused");
+                        return Err(Status::permission_denied(message));
+                    }
+                }
             }
             // Renewal: the SVID the caller proved in the TLS handshake is the
             // credential, so a workload outlives the join token that first admitted it.
@@ -107,7 +185,15 @@ impl Identity for IdentityService {
         let issued = self
             .authority
             .sign_csr(&csr, &expected, ttl)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| match e {
+                // On Kubernetes a CSR for another id than the reviewed account is a
+                // refusal of what the credential allows, not a malformed request.
+                CsrError::IdMismatch { .. } if credential_kind == "sa-token" => {
+                    tracing::info!(error = %e, "Certify refused");
+                    Status::permission_denied(e.to_string())
+                }
+                e => Status::invalid_argument(e.to_string()),
+            })?;
         metrics::counter!(crate::telemetry::CERTIFICATES, "credential" => credential_kind)
             .increment(1);
         tracing::info!(id = %expected, serial = issued.serial, credential = credential_kind, "certificate issued");

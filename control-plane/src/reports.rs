@@ -98,6 +98,19 @@ pub(crate) struct EdgeRow {
     pub(crate) covers_from: Instant,
 }
 
+/// One service as all its callers reported it over a window: every route, backend and
+/// caller together, with the median as well (the dashboard's golden metrics).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ServiceRow {
+    pub(crate) namespace: String,
+    pub(crate) service: String,
+    pub(crate) stats: BackendStats,
+    /// Estimated as `p99` is; `None` without requests.
+    pub(crate) p50: Option<Duration>,
+    /// As `RouteRow::covers_from`.
+    pub(crate) covers_from: Instant,
+}
+
 /// A report refused because it would take the statistics past `MAX_KEYS` keys.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -390,6 +403,41 @@ impl Reports {
                 &b.caller,
             ))
         });
+        rows
+    }
+
+    /// Every service `filter` lets through, over the reports since `since` (`None`: all
+    /// kept), summed over routes, backends and callers, sorted.
+    pub(crate) fn service_stats(
+        &self,
+        filter: StatsFilter<'_>,
+        since: Option<Instant>,
+    ) -> Vec<ServiceRow> {
+        let mut sums: HashMap<(&str, &str), (Counts, Instant)> = HashMap::new();
+        let inner = self.inner.lock();
+        for bucket in inner.since(since) {
+            for (key, counts) in &bucket.routes {
+                if filter.wants(key) {
+                    let (sum, covers_from) = sums
+                        .entry((&key.namespace, &key.service))
+                        .or_insert((Counts::default(), bucket.covers_from));
+                    sum.merge(counts);
+                    *covers_from = (*covers_from).min(bucket.covers_from);
+                }
+            }
+        }
+        let mut rows: Vec<ServiceRow> = sums
+            .into_iter()
+            .map(|((namespace, service), (counts, covers_from))| ServiceRow {
+                namespace: namespace.to_string(),
+                service: service.to_string(),
+                stats: counts.stats(),
+                p50: counts.latency_quantile(0.5),
+                covers_from,
+            })
+            .collect();
+        drop(inner);
+        rows.sort_by(|a, b| (&a.namespace, &a.service).cmp(&(&b.namespace, &b.service)));
         rows
     }
 
@@ -700,12 +748,16 @@ impl Counts {
         BackendStats {
             requests: self.requests,
             successes: self.successes,
-            p99: if self.requests == 0 {
-                None
-            } else {
-                quantile(&self.latency, 0.99).and_then(|s| Duration::try_from_secs_f64(s).ok())
-            },
+            p99: self.latency_quantile(0.99),
         }
+    }
+
+    /// The `q` latency quantile; `None` without requests.
+    fn latency_quantile(&self, q: f64) -> Option<Duration> {
+        if self.requests == 0 {
+            return None;
+        }
+        quantile(&self.latency, q).and_then(|s| Duration::try_from_secs_f64(s).ok())
     }
 }
 

@@ -58,8 +58,12 @@ pub enum ServerError {
     Tls(#[from] rustls::Error),
     #[error("installing signal handlers: {0}")]
     Signal(std::io::Error),
+    #[error("{0}")]
+    Webhook(#[from] crate::webhook::WebhookError),
     #[error("the gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("Kubernetes: {0}")]
+    Kubernetes(#[from] crate::kubernetes::ClientError),
 }
 
 fn file_error(path: &Path, reason: impl std::fmt::Display) -> ServerError {
@@ -182,9 +186,17 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
         api_addr,
         grpc_addr,
         admin_addr,
+        dashboard_addr,
+        mode,
+        kube_api_server,
         trust_domain,
         heartbeat_timeout,
         debounce,
+        webhook_addr,
+        webhook_dns_names,
+        injection_config,
+        proxy_image,
+        kubernetes: kube_args,
         log_format: _,
         log: _,
     } = args;
@@ -198,26 +210,41 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
             .map_err(|e| file_error(&data_dir, e))??
     };
     let store = Arc::new(store);
-    let authority = Authority::load_or_create(
-        &data_dir.join("ca"),
-        AuthorityConfig {
-            trust_domain: trust_domain.clone(),
-            max_leaf_ttl: MAX_LEAF_TTL,
-        },
-    )
-    .map_err(|e| ServerError::Authority(e.to_string()))?;
-    if authority.trust_domain() != &trust_domain {
-        return Err(ServerError::TrustDomain(format!(
-            "the CA in {} is for {:?}, not {:?}",
-            data_dir.join("ca").display(),
-            authority.trust_domain().as_str(),
-            trust_domain.as_str()
-        )));
-    }
-    // The keys inside are 0600 already; the folder says so too.
-    let ca_dir = data_dir.join("ca");
-    std::fs::set_permissions(&ca_dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| file_error(&ca_dir, e))?;
+    let ca_config = AuthorityConfig {
+        trust_domain: trust_domain.clone(),
+        max_leaf_ttl: MAX_LEAF_TTL,
+    };
+    // Kubernetes mode keeps the CA in a Secret every replica shares, not in a file.
+    let authority = match mode {
+        crate::source::Mode::Kubernetes => {
+            let client = crate::kubernetes::client(kube_api_server.as_deref()).await?;
+            crate::kubernetes::ca_secret::load_or_create(
+                &client,
+                &kube_args.namespace,
+                &kube_args.ca_secret,
+                ca_config,
+            )
+            .await
+            .map_err(|e| ServerError::Authority(e.to_string()))?
+        }
+        crate::source::Mode::Universal => {
+            let authority = Authority::load_or_create(&data_dir.join("ca"), ca_config)
+                .map_err(|e| ServerError::Authority(e.to_string()))?;
+            if authority.trust_domain() != &trust_domain {
+                return Err(ServerError::TrustDomain(format!(
+                    "the CA in {} is for {:?}, not {:?}",
+                    data_dir.join("ca").display(),
+                    authority.trust_domain().as_str(),
+                    trust_domain.as_str()
+                )));
+            }
+            // The keys inside are 0600 already; the folder says so too.
+            let ca_dir = data_dir.join("ca");
+            std::fs::set_permissions(&ca_dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| file_error(&ca_dir, e))?;
+            authority
+        }
+    };
     let authority = Arc::new(authority);
     let tokens = Arc::new(JoinTokens::new(&store.secret("join-token", 32)?));
     let token = api_token(&data_dir)?;
@@ -238,13 +265,31 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
     let changed = Arc::new(Notify::new());
     let registry = Arc::new(Registry::new(changed.clone()));
     let (cert_ttl, cert_ttl_rx) = watch::channel(crate::compiler::DEFAULT_CERT_TTL);
-    let compiler = Arc::new(Compiler::new(
+    // Kubernetes mode: one API client for every Kubernetes part.
+    let kube_client = match mode {
+        crate::source::Mode::Universal => None,
+        crate::source::Mode::Kubernetes => {
+            Some(crate::kubernetes::client(kube_api_server.as_deref()).await?)
+        }
+    };
+    let compiler = Compiler::new(
         store.clone(),
         registry.clone(),
-        changed,
+        changed.clone(),
         debounce,
         cert_ttl,
-    ));
+    );
+    let compiler = Arc::new(match &kube_client {
+        None => compiler,
+        Some(client) => {
+            let source =
+                crate::kubernetes::watch::KubernetesSource::new(trust_domain.clone(), changed);
+            source.spawn(client, &shutdown);
+            // Configs compiled before every kind is listed would lack endpoints.
+            source.wait_synced(Duration::from_secs(10)).await;
+            compiler.with_source(source)
+        }
+    });
     // Endpoints of the previous run stay published for one heartbeat timeout: sidecars
     // reconnect well within it, and until they do their peers keep reaching them.
     if let Some(bytes) = store.state(Compiler::ENDPOINTS_STATE)? {
@@ -278,12 +323,37 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
     tokio::spawn(compiler.clone().run(shutdown.clone()));
     // What sidecars report; the canary controller judges canaries by it.
     let reports = Arc::new(crate::reports::Reports::new());
-    let canaries = Arc::new(crate::canary::CanaryController::new(
-        store.clone(),
-        reports.clone(),
-        compiler.clone(),
-    ));
-    tokio::spawn(canaries.clone().run(shutdown.clone()));
+    let canaries = Arc::new(match &kube_client {
+        None => {
+            crate::canary::CanaryController::new(store.clone(), reports.clone(), compiler.clone())
+        }
+        Some(client) => crate::canary::CanaryController::on_cluster(
+            client.clone(),
+            reports.clone(),
+            compiler.clone(),
+        ),
+    });
+    let leading = match &kube_client {
+        None => {
+            tokio::spawn(canaries.clone().run(shutdown.clone()));
+            None
+        }
+        // One replica leads: it alone moves canaries and writes statuses, the caBundle
+        // and the trust anchors; every replica serves discovery and identity.
+        Some(client) => Some(
+            crate::kubernetes::leader::LeaderDuties {
+                client: client.clone(),
+                namespace: kube_args.namespace.clone(),
+                lease_name: kube_args.leader_lease.clone(),
+                identity: kube_args.pod_name.clone(),
+                canaries: canaries.clone(),
+                source: compiler.source().clone(),
+                bundle: authority.trust_bundle().clone(),
+                webhook_configuration: kube_args.webhook_configuration.clone(),
+            }
+            .start(&shutdown),
+        ),
+    };
     tokio::spawn(renew_own_svid(
         authority.clone(),
         creds.clone(),
@@ -294,13 +364,31 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
     let grpc_listener = bind("gRPC", grpc_addr).await?;
     let api_listener = bind("API", api_addr).await?;
     let admin_listener = bind("admin", admin_addr).await?;
-    let (grpc_addr, api_addr, admin_addr) = (
+    let dashboard_listener = bind("dashboard", dashboard_addr).await?;
+    // Kubernetes mode serves the sidecar injector unless told where else.
+    let webhook_addr = webhook_addr.or_else(|| {
+        (mode == crate::source::Mode::Kubernetes)
+            .then(|| SocketAddr::from(([0, 0, 0, 0], crate::webhook::DEFAULT_PORT)))
+    });
+    let webhook_listener = match webhook_addr {
+        Some(addr) => Some(bind("webhook", addr).await?),
+        None => None,
+    };
+    let (grpc_addr, api_addr, admin_addr, dashboard_addr) = (
         local(&grpc_listener),
         local(&api_listener),
         local(&admin_listener),
+        local(&dashboard_listener),
     );
 
     let identity = IdentityService::with_ttl_source(authority.clone(), tokens.clone(), cert_ttl_rx);
+    // Kubernetes mode: sidecars prove themselves with projected ServiceAccount tokens.
+    let identity = match &kube_client {
+        Some(client) => identity.with_token_reviewer(Arc::new(
+            crate::kubernetes::identity::KubeTokenReviewer::new(client.clone()),
+        )),
+        None => identity,
+    };
     let discovery = DiscoveryService::new(
         trust_domain.clone(),
         registry.clone(),
@@ -323,7 +411,37 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let grpc = tokio::spawn(grpc);
 
+    let dashboard = Arc::new(crate::dashboard::Dashboard::new(
+        reports.clone(),
+        registry.clone(),
+        compiler.source().clone(),
+    ));
+    tokio::spawn(dashboard.clone().collect(shutdown.clone()));
+    tokio::spawn(dashboard.serve(dashboard_listener, shutdown.clone()));
+
+    let admin = crate::admin::Admin {
+        metrics,
+        store: store.clone(),
+        compiler: compiler.clone(),
+    };
+    if let Some(listener) = webhook_listener {
+        let settings = crate::webhook::load_settings(
+            injection_config.as_deref(),
+            proxy_image,
+            trust_domain.as_str(),
+        )?;
+        let webhook = crate::webhook::Webhook::new(authority.clone(), webhook_dns_names, settings)?;
+        tracing::info!(addr = %local(&listener), "serving the sidecar injector");
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(error) = Arc::new(webhook).serve(listener, shutdown).await {
+                tracing::error!(%error, "the sidecar injector stopped");
+            }
+        });
+    }
+
     let api = Arc::new(OperatorApi {
+        dashboard: dashboard_addr,
         token,
         store,
         registry,
@@ -334,16 +452,13 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
         reports,
     });
     tokio::spawn(api.serve(api_listener, shutdown.clone()));
-    tokio::spawn(crate::admin::serve(
-        admin_listener,
-        metrics,
-        shutdown.clone(),
-    ));
+    tokio::spawn(crate::admin::serve(admin_listener, admin, shutdown.clone()));
 
     for (name, addr) in [
         ("grpc-addr", grpc_addr),
         ("api-addr", api_addr),
         ("admin-addr", admin_addr),
+        ("dashboard-addr", dashboard_addr),
     ] {
         write_file(&data_dir.join(name), addr.to_string().as_bytes(), 0o644)?;
     }
@@ -353,6 +468,7 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
         grpc = %grpc_addr,
         api = %api_addr,
         admin = %admin_addr,
+        dashboard = %dashboard_addr,
         trust_domain = trust_domain.as_str(),
         data_dir = %data_dir.display(),
         "listening"
@@ -361,6 +477,11 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
     let name = signals.next().await;
     tracing::info!(signal = name, "shutting down");
     shutdown.cancel();
+    // A leader hands its Lease back before it goes, so another replica takes over at
+    // once instead of after the lease runs out.
+    if let Some(mut leading) = leading {
+        let _ = tokio::time::timeout(Duration::from_secs(2), leading.wait_for(|l| !l)).await;
+    }
     // Open Discovery streams end with the server; sidecars keep their config and
     // reconnect to the next control plane.
     match tokio::time::timeout(Duration::from_secs(5), grpc).await {
