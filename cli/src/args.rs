@@ -74,12 +74,93 @@ pub enum Command {
     /// Join tokens for sidecars.
     #[command(subcommand)]
     Token(TokenCommand),
-    /// Check that the control plane, its CA and every proxy are healthy.
-    Check,
+    /// Check that the control plane, its CA and every proxy are healthy; with
+    /// --kubernetes, that an installation in a cluster is.
+    Check(CheckArgs),
     /// Steer a canary: pause or resume its progress, promote or abort it now.
     Canary(CanaryArgs),
     /// Run the marketplace inside a mesh on this machine and show it live.
     Demo(DemoArgs),
+    /// Print the control plane's web dashboard URL and open it in a browser.
+    Dashboard(DashboardArgs),
+    /// Print the Kubernetes manifests of helm/trellis's defaults (CRDs included),
+    /// rendered without helm, for `kubectl apply -f -`.
+    Install(InstallArgs),
+    /// Add the Trellis proxy to the pods of Kubernetes manifests, offline, as the
+    /// admission webhook would; prints the manifests for `kubectl apply -f -`.
+    Inject(InjectArgs),
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckArgs {
+    /// Check the installation in a Kubernetes cluster (CRDs, control plane
+    /// Deployment, webhook, trust anchors) instead of the control plane's API.
+    #[arg(long)]
+    pub kubernetes: bool,
+
+    /// The control plane's namespace (with --kubernetes).
+    #[arg(long, value_name = "NS", default_value = "trellis-system")]
+    pub namespace: String,
+
+    /// The Kubernetes API server's URL [default: KUBECONFIG, ~/.kube/config or
+    /// in-cluster, as kubectl finds them].
+    #[arg(
+        long,
+        env = "TRELLIS_KUBE_API_SERVER",
+        value_name = "URL",
+        requires = "kubernetes"
+    )]
+    pub kube_api_server: Option<String>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct InjectArgs {
+    /// A YAML or JSON file of one or more documents, or `-` for stdin.
+    #[arg(short = 'f', long = "filename", value_name = "FILE|-")]
+    pub file: PathBuf,
+
+    /// The proxy image [default: the injection config's, else the release's].
+    #[arg(long, value_name = "IMAGE")]
+    pub proxy_image: Option<String>,
+
+    /// The control plane's gRPC address as sidecars dial it [default:
+    /// https://trellis-control-plane.trellis-system.svc:15012].
+    #[arg(long, value_name = "ADDR")]
+    pub control_plane_addr: Option<String>,
+
+    /// The mesh's trust domain [default: cluster.local].
+    #[arg(long, value_name = "NAME")]
+    pub trust_domain: Option<String>,
+
+    /// The injection settings the control plane uses (its --injection-config), YAML.
+    #[arg(long, value_name = "FILE")]
+    pub injection_config: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DashboardArgs {
+    /// Only print the URL; do not start a browser.
+    #[arg(long)]
+    pub no_open: bool,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct InstallArgs {
+    /// The namespace the control plane runs in.
+    #[arg(short, long, value_name = "NS", default_value = "trellis-system")]
+    pub namespace: String,
+
+    /// The tag of the control plane and proxy images [default: this trellisctl's version].
+    #[arg(long, value_name = "TAG")]
+    pub image_tag: Option<String>,
+
+    /// Also emit the namespace itself, first.
+    #[arg(long)]
+    pub create_namespace: bool,
+
+    /// Write the manifests to this file instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, clap::Args)]

@@ -7,11 +7,15 @@
 
 pub mod api;
 pub mod args;
+pub mod check_kubernetes;
 pub mod checks;
 pub mod commands;
 pub mod connection;
+pub mod dashboard;
 pub mod demo;
 pub mod error;
+pub mod inject;
+pub mod install;
 pub mod kinds;
 pub mod manifests;
 pub mod table;
@@ -142,11 +146,53 @@ pub fn run(cli: Cli, origins: GivenOrigins, stdin: &mut dyn Read) -> Result<Outc
                 .map_err(CliError::Runtime)?;
             runtime.block_on(demo::run(options, &mut stdout))
         }
-        Command::Check => {
+        Command::Install(args) => install_command(args),
+        Command::Dashboard(args) => {
+            let api = Api::new(endpoint(connection, origins)?);
+            runtime.block_on(dashboard::run(&api, args))
+        }
+        Command::Inject(args) => inject::run(args, stdin),
+        Command::Check(args) if args.kubernetes => Ok(runtime.block_on(check_kubernetes::run(
+            args.kube_api_server.as_deref(),
+            &args.namespace,
+            now,
+        ))),
+        Command::Check(_) => {
             let endpoint = endpoint(connection, origins);
             Ok(runtime.block_on(commands::check(endpoint, now)))
         }
     }
+}
+
+/// `trellisctl install`: the manifests to stdout, or to `--output`.
+fn install_command(args: args::InstallArgs) -> Result<Outcome, CliError> {
+    let args::InstallArgs {
+        namespace,
+        image_tag,
+        create_namespace,
+        output,
+    } = args;
+    let yaml = install::render(&install::InstallOptions {
+        namespace,
+        image_tag,
+        create_namespace,
+    })?;
+    let Some(path) = output else {
+        return Ok(Outcome {
+            stdout: yaml,
+            stderr: String::new(),
+            ok: true,
+        });
+    };
+    std::fs::write(&path, yaml).map_err(|e| CliError::Manifest {
+        path: path.display().to_string(),
+        reason: format!("cannot write the manifests: {e}"),
+    })?;
+    Ok(Outcome {
+        stdout: String::new(),
+        stderr: format!("wrote {}\n", path.display()),
+        ok: true,
+    })
 }
 
 /// Resolves the address, then the token, from flags, environment and the data dir.

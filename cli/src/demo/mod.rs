@@ -202,6 +202,8 @@ impl Signals {
 #[derive(Debug)]
 struct Addresses {
     api: String,
+    /// The control plane's web dashboard, `http://ip:port/`.
+    dashboard: String,
     gateway: SocketAddr,
     /// (name, admin address) of every proxy.
     admins: Vec<(String, SocketAddr)>,
@@ -249,6 +251,7 @@ async fn run_in(
             children.logs().display()
         ),
     );
+    say(out, &format!("dashboard: {}", addresses.dashboard));
     for (name, admin) in &addresses.admins {
         say(out, &format!("  admin of {name}: http://{admin}"));
     }
@@ -303,6 +306,7 @@ async fn run_in(
             let frame = view::frame(&view::Frame {
                 at,
                 gateway: addresses.gateway,
+                dashboard: &addresses.dashboard,
                 observation: &observation,
                 recent: &answers,
                 story: &story,
@@ -360,6 +364,7 @@ async fn start_mesh(state: &Path, children: &mut Processes) -> Result<Addresses,
         .args(["--api-addr", "127.0.0.1:0"])
         .args(["--grpc-addr", "127.0.0.1:0"])
         .args(["--admin-addr", "127.0.0.1:0"])
+        .args(["--dashboard-addr", "127.0.0.1:0"])
         .args(["--debounce", "20ms"])
         .args(["--log-format", "json"]);
     let listening = children.start("control-plane", command).await?;
@@ -372,6 +377,7 @@ async fn start_mesh(state: &Path, children: &mut Processes) -> Result<Addresses,
     let api_addr = field(&listening, "api")?;
     let grpc = field(&listening, "grpc")?;
     let admin = field(&listening, "admin")?;
+    let dashboard = format!("http://{}/", field(&listening, "dashboard")?);
     let api = Api::new(api_endpoint(&api_addr, state)?);
     // A kept data dir may hold a canary promoted last time: this run's starts afresh
     // (deleting a Canary drops its status). Absent is fine.
@@ -445,6 +451,7 @@ async fn start_mesh(state: &Path, children: &mut Processes) -> Result<Addresses,
     admins.push(("gateway".into(), parse_addr(&field(&line, "admin")?)?));
     Ok(Addresses {
         api: api_addr,
+        dashboard,
         gateway,
         admins,
         apps,

@@ -64,6 +64,8 @@ impl Story {
 pub struct Frame<'a> {
     pub at: Duration,
     pub gateway: SocketAddr,
+    /// The control plane's web dashboard URL.
+    pub dashboard: &'a str,
     pub observation: &'a Observation,
     /// Every answer customers got so far; the view shows the last 10 s.
     pub recent: &'a [Answer],
@@ -74,6 +76,7 @@ pub fn frame(frame: &Frame<'_>) -> String {
     let Frame {
         at,
         gateway,
+        dashboard,
         observation,
         recent,
         story,
@@ -81,7 +84,8 @@ pub fn frame(frame: &Frame<'_>) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Trellis marketplace demo  {}  customers enter at http://{gateway}  (Ctrl-C stops everything)\n",
+        "Trellis marketplace demo  {}  customers enter at http://{gateway}  (Ctrl-C stops everything)\n\
+         dashboard: {dashboard}\n",
         clock(*at)
     );
     let mut table = Table::new(vec!["SERVICE", "RPS", "SUCCESS", "P99"]);
