@@ -69,6 +69,7 @@ impl ControlPlane {
             .args(["--api-addr", "127.0.0.1:0"])
             .args(["--grpc-addr", "127.0.0.1:0"])
             .args(["--admin-addr", "127.0.0.1:0"])
+            .args(["--dashboard-addr", "127.0.0.1:0"])
             .args(["--debounce", debounce])
             .args(["--log", "warn"])
             .stdin(Stdio::null())
@@ -79,7 +80,7 @@ impl ControlPlane {
         let dir = data_dir.path();
         let deadline = Instant::now() + START_TIMEOUT;
         let (api, grpc) = loop {
-            // `admin-addr` is written last, each by a rename, so all three are whole.
+            // `admin-addr` is written after these two, each by a rename, so all three are whole.
             if let (Some(api), Some(grpc), Some(_)) = (
                 read_addr(&dir.join("api-addr")),
                 read_addr(&dir.join("grpc-addr")),

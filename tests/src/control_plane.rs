@@ -77,6 +77,7 @@ impl ControlPlane {
             .args(["--api-addr", "127.0.0.1:0"])
             .args(["--grpc-addr", &spec.grpc_addr.to_string()])
             .args(["--admin-addr", "127.0.0.1:0"])
+            .args(["--dashboard-addr", "127.0.0.1:0"])
             .args(["--heartbeat-timeout", spec.heartbeat_timeout])
             .args(["--debounce", "20ms"])
             .args(["--log-format", "json"]);

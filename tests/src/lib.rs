@@ -9,13 +9,16 @@
 pub mod apps;
 pub mod client;
 pub mod control_plane;
+pub mod fake_kube;
 pub mod marketplace;
 pub mod mesh;
+pub mod otlp;
 /// The CA crate's own test PKI (operator-style root + intermediate that can also
 /// forge leaves), shared rather than written twice.
 #[path = "../../ca/tests/pki/mod.rs"]
 pub mod pki;
 pub mod process;
+pub mod prometheus;
 pub mod relay;
 
 /// The test workloads' gRPC API.

@@ -154,6 +154,7 @@ impl Mesh {
             mtls: spec.mtls,
             services: spec.services.clone(),
             inbound: spec.inbound.clone(),
+            tracing: None,
         };
         let config = serde_json::json!({
             "identity": {"certificate": cert, "privateKey": key, "trustBundle": bundle},

@@ -8,7 +8,10 @@
 mod canary;
 mod control_plane;
 mod gateway;
+mod kubernetes;
+mod kubernetes_control;
 mod marketplace;
+mod metrics;
 mod sidecar_admin;
 mod sidecar_breaker;
 mod sidecar_bulkheads;
@@ -19,4 +22,5 @@ mod sidecar_refusals;
 mod sidecar_retries;
 mod sidecar_routing;
 mod sidecar_traffic;
+mod tracing;
 mod traffic_split;
