@@ -33,3 +33,19 @@ pub async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
         .await
         .unwrap_or_else(|_| panic!("{what}: no answer within 20 s"))
 }
+
+/// Polls `check` every 25 ms until it holds; fails the test naming `what` after 20 s.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 20 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}

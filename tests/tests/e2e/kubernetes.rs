@@ -22,23 +22,11 @@ use tokio_stream::StreamExt;
 use trellis_tests::{
     apps,
     control_plane::{ControlPlane, MeshSidecar, MeshSidecarSpec, control_plane_binary},
+    eventually,
     fake_kube::FakeKube,
     mesh::admin_get,
     process::{Process, addr_field},
 };
-
-/// Polls `check` until it holds or `what` fails the test after 20 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what}: not within 20 s");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 fn config_map(name: &str, value: &str) -> ConfigMap {
     serde_json::from_value(json!({

@@ -28,21 +28,9 @@ use trellis_control_plane::{
     source::{ConfigSource, Mode, Problem},
     store::StoreError,
 };
-use trellis_tests::fake_kube::FakeKube;
+use trellis_tests::{eventually, fake_kube::FakeKube};
 
 const ORDER: &str = "spiffe://cluster.local/ns/shop/sa/order";
-
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !check().await {
-        assert!(Instant::now() < deadline, "{what}: not within 20 s");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 async fn start() -> (FakeKube, Client) {
     let fake = FakeKube::start().await;
