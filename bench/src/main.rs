@@ -2,8 +2,10 @@
 //! (a) client -> backend directly, (b) client -> trellis-proxy -> trellis-proxy ->
 //! backend over mTLS, (b') the same pair with every policy layer configured and none
 //! acting, and (c) the same through an HAProxy mTLS pair when `haproxy` is installed.
-//! (b) and (b') run interleaved for several rounds, and each row is the rounds' median,
-//! so that machine noise in one run does not decide the policies' overhead. For each: p50/p90/p99 at a fixed open-loop rate, max throughput,
+//! (b'') the same pair recording every request's spans and exporting them over OTLP to
+//! a receiver in this process. (b), (b') and (b'') run interleaved for several rounds,
+//! and each row is the rounds' median, so that machine noise in one run does not
+//! decide the policies' or the tracing's overhead. For each: p50/p90/p99 at a fixed open-loop rate, max throughput,
 //! and each proxy's RSS and CPU seconds per 1,000 requests. Prints a table with the
 //! ratios to direct and to HAProxy, and writes JSON.
 
@@ -14,7 +16,10 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use clap::Parser;
 use serde::Serialize;
 use trellis_bench::{backend, haproxy, load, policies, procstat};
-use trellis_tests::mesh::{Mesh, Sidecar, SidecarSpec, metric_value, scrape, workload_id};
+use trellis_tests::{
+    mesh::{Mesh, Sidecar, SidecarSpec, metric_value, scrape, workload_id},
+    otlp::Collector,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -46,7 +51,8 @@ struct Args {
     /// Also measure one sidecar alone (plaintext into its inbound), to split costs.
     #[arg(long)]
     single_hop: bool,
-    /// Rounds of the plain and the policies sidecar pair, interleaved; rows are medians.
+    /// Rounds of the plain, the policies and the tracing sidecar pair, interleaved;
+    /// rows are medians.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
 }
@@ -88,17 +94,49 @@ struct Report {
     connections: usize,
     body_bytes: usize,
     scenarios: Vec<Scenario>,
-    policy_overhead: PolicyOverhead,
+    /// What the policies and the tracing add to the plain pair, medians against medians.
+    overheads: Vec<Overhead>,
+    rounds: u32,
+    /// The run order of the pairs: `P` plain, `Q` with policies, `T` traced.
+    order: String,
 }
 
-/// What configuring every policy adds to the plain sidecar pair, medians against medians.
 #[derive(Debug, Serialize)]
-struct PolicyOverhead {
+struct Overhead {
+    /// `trellis+policies` or `trellis+tracing`, over `trellis`.
+    row: &'static str,
     p50_pct: f64,
     p99_pct: f64,
-    rounds: u32,
-    /// The run order of the pairs: `P` plain, `Q` with policies.
-    order: String,
+}
+
+/// The sidecar pairs that run in rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pair {
+    Plain,
+    /// Every policy configured, none acting (see `policies`).
+    Policies,
+    /// Every request's spans recorded and exported.
+    Traced,
+}
+
+impl Pair {
+    const ALL: [Self; 3] = [Self::Plain, Self::Policies, Self::Traced];
+
+    fn row(self) -> &'static str {
+        match self {
+            Self::Plain => "trellis",
+            Self::Policies => "trellis+policies",
+            Self::Traced => "trellis+tracing",
+        }
+    }
+
+    fn letter(self) -> char {
+        match self {
+            Self::Plain => 'P',
+            Self::Policies => 'Q',
+            Self::Traced => 'T',
+        }
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -206,21 +244,65 @@ fn median_of(name: &'static str, runs: Vec<Scenario>) -> Scenario {
 }
 
 /// Starts a client-side sidecar `a` calling a server-side `b` in front of `backend`,
-/// with every policy configured (see `policies`) or none.
-fn sidecar_pair(mesh: &Mesh, backend: SocketAddr, with_policies: bool) -> (Sidecar, Sidecar) {
+/// configured as `pair` says; `collector` receives a traced pair's spans.
+fn sidecar_pair(
+    mesh: &Mesh,
+    backend: SocketAddr,
+    pair: Pair,
+    collector: &str,
+) -> (Sidecar, Sidecar) {
     let mut b_spec = SidecarSpec::new("b", backend);
-    if with_policies {
-        b_spec = b_spec.inbound(policies::inbound(&workload_id("a")));
+    match pair {
+        Pair::Plain => {}
+        Pair::Policies => b_spec = b_spec.inbound(policies::inbound(&workload_id("a"))),
+        Pair::Traced => b_spec = b_spec.traced(collector),
     }
     let b = mesh.sidecar(b_spec);
     // The client side's app is never called: port 9 (discard) stands in for it.
     let a_spec = SidecarSpec::new("a", SocketAddr::from(([127, 0, 0, 1], 9)));
-    let a_spec = if with_policies {
-        a_spec.service("b", policies::outbound(vec![b.endpoint()]))
-    } else {
-        a_spec.to("b", vec![b.endpoint()])
+    let a_spec = match pair {
+        Pair::Plain => a_spec.to("b", vec![b.endpoint()]),
+        Pair::Policies => a_spec.service("b", policies::outbound(vec![b.endpoint()])),
+        Pair::Traced => a_spec.to("b", vec![b.endpoint()]).traced(collector),
     };
     (mesh.sidecar(a_spec), b)
+}
+
+/// The traced pair's spans as (received by the collector, dropped by the sidecars);
+/// fails the run if none arrived, as then the tracing row would not be their cost.
+/// Drops are no failure: in the max-throughput phase the bounded queue is meant to
+/// shed spans rather than slow requests.
+async fn spans_of_run(
+    a: &Sidecar,
+    b: &Sidecar,
+    collector: &Collector,
+) -> Result<(usize, f64), String> {
+    let (client, server) = (scrape(a.admin).await, scrape(b.admin).await);
+    let total = |name: &str| -> f64 {
+        [&client, &server]
+            .iter()
+            .map(|s| metric_value(s, name, &[]))
+            .sum()
+    };
+    let (exported, dropped) = (
+        total("trellis_trace_spans_exported_total"),
+        total("trellis_trace_spans_dropped_total"),
+    );
+    // Spans exported just before the scrape may still be on their way in.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut received = 0;
+    loop {
+        received += collector.drain();
+        if exported > 0.0 && received as f64 >= exported {
+            return Ok((received, dropped));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "the collector received {received} spans of the {exported} the traced pair exported"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Fails the run if a policy acted (a retry, an ejection, a refusal) or the allow rule
@@ -262,7 +344,7 @@ async fn check_no_policy_acted(a: &Sidecar, b: &Sidecar) -> Result<(), String> {
     Ok(())
 }
 
-async fn run(args: Args) -> Result<Report, String> {
+async fn run(args: Args, collector: &Collector) -> Result<Report, String> {
     let backend = backend::start(args.body).await.map_err(|e| e.to_string())?;
     let mut scenarios = Vec::new();
     eprintln!(
@@ -272,39 +354,38 @@ async fn run(args: Args) -> Result<Report, String> {
     scenarios.push(measure("direct", backend, "backend", &[], &args).await?);
 
     let mesh = Mesh::new();
-    // Alternating which pair goes first (P Q Q P P Q ...) also cancels a slow drift
-    // of the machine's speed, e.g. another build starting, between the two rows.
-    let (mut plain, mut with_policies, mut order) = (Vec::new(), Vec::new(), Vec::new());
+    // Rotating which pair goes first (PQT QTP TPQ ...) also cancels a slow drift of the
+    // machine's speed, e.g. another build starting, between the rows.
+    let mut runs: Vec<Vec<Scenario>> = Pair::ALL.iter().map(|_| Vec::new()).collect();
+    let mut order = String::new();
     for round in 0..args.rounds {
-        let pairs = if round % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for policies_on in pairs {
-            let (a, b) = sidecar_pair(&mesh, backend, policies_on);
+        eprintln!("  round {}/{}:", round + 1, args.rounds);
+        for i in 0..Pair::ALL.len() {
+            let index = (i + round as usize) % Pair::ALL.len();
+            let pair = Pair::ALL[index];
+            let (a, b) = sidecar_pair(&mesh, backend, pair, &collector.endpoint());
             let pids = [("client-side", a.pid()), ("server-side", b.pid())];
-            let name = if policies_on {
-                "trellis+policies"
-            } else {
-                "trellis"
-            };
-            eprintln!("  round {}/{}:", round + 1, args.rounds);
-            let scenario = measure(name, a.outbound, "b", &pids, &args).await?;
-            if policies_on {
-                check_no_policy_acted(&a, &b).await?;
-                with_policies.push(scenario);
-                order.push('Q');
-            } else {
-                plain.push(scenario);
-                order.push('P');
+            collector.drain();
+            let scenario = measure(pair.row(), a.outbound, "b", &pids, &args).await?;
+            match pair {
+                Pair::Plain => {}
+                Pair::Policies => check_no_policy_acted(&a, &b).await?,
+                Pair::Traced => {
+                    let (received, dropped) = spans_of_run(&a, &b, collector).await?;
+                    eprintln!(
+                        "  trellis+tracing: {received} spans received by the collector, {dropped} dropped"
+                    );
+                }
             }
+            runs[index].push(scenario);
+            order.push(pair.letter());
         }
     }
-    let (plain, with_policies) = (
-        median_of("trellis", plain),
-        median_of("trellis+policies", with_policies),
-    );
+    let mut rows: Vec<Scenario> = Pair::ALL
+        .iter()
+        .zip(runs)
+        .map(|(pair, runs)| median_of(pair.row(), runs))
+        .collect();
     let added = |with: f64, without: f64| {
         if without > 0.0 {
             (with / without - 1.0) * 100.0
@@ -312,14 +393,15 @@ async fn run(args: Args) -> Result<Report, String> {
             0.0
         }
     };
-    let policy_overhead = PolicyOverhead {
-        p50_pct: added(with_policies.p50_ms, plain.p50_ms),
-        p99_pct: added(with_policies.p99_ms, plain.p99_ms),
-        rounds: args.rounds,
-        order: order.into_iter().collect(),
-    };
-    scenarios.push(plain);
-    scenarios.push(with_policies);
+    let overheads = rows[1..]
+        .iter()
+        .map(|with| Overhead {
+            row: with.name,
+            p50_pct: added(with.p50_ms, rows[0].p50_ms),
+            p99_pct: added(with.p99_ms, rows[0].p99_ms),
+        })
+        .collect();
+    scenarios.append(&mut rows);
 
     if args.single_hop {
         // One sidecar only, plaintext in (PERMISSIVE): tells the hop's cost from the pair's.
@@ -344,7 +426,9 @@ async fn run(args: Args) -> Result<Report, String> {
         connections: args.connections,
         body_bytes: args.body,
         scenarios,
-        policy_overhead,
+        overheads,
+        rounds: args.rounds,
+        order,
     })
 }
 
@@ -397,33 +481,39 @@ fn print_table(report: &Report) {
             if cpu.is_empty() { "-".into() } else { cpu },
         );
     }
-    let plain = report.scenarios.iter().find(|s| s.name == "trellis");
-    let with = report
-        .scenarios
-        .iter()
-        .find(|s| s.name == "trellis+policies");
-    if let (Some(plain), Some(with)) = (plain, with) {
-        let PolicyOverhead {
-            p50_pct,
-            p99_pct,
-            rounds,
-            order,
-        } = &report.policy_overhead;
+    let Some(plain) = report.scenarios.iter().find(|s| s.name == "trellis") else {
+        return;
+    };
+    println!();
+    for Overhead {
+        row,
+        p50_pct,
+        p99_pct,
+    } in &report.overheads
+    {
+        let Some(with) = report.scenarios.iter().find(|s| s.name == *row) else {
+            continue;
+        };
         println!(
-            "\npolicies overhead (trellis+policies over trellis): p99 {p99_pct:+.1}% ({:.3} -> {:.3} ms), p50 {p50_pct:+.1}% ({:.3} -> {:.3} ms)",
+            "{row} over trellis: p99 {p99_pct:+.1}% ({:.3} -> {:.3} ms), p50 {p50_pct:+.1}% ({:.3} -> {:.3} ms)",
             plain.p99_ms, with.p99_ms, plain.p50_ms, with.p50_ms
         );
-        println!(
-            "both rows are medians of {rounds} rounds, a fresh sidecar pair each, run interleaved in the order {order} (P plain, Q policies)"
-        );
-        for (name, s) in [("trellis", plain), ("trellis+policies", with)] {
-            let p99s: Vec<String> = s
-                .rounds
-                .iter()
-                .map(|r| format!("{:.3}", r.p99_ms))
-                .collect();
-            println!("  {name} p99 per round, ms: {}", p99s.join(", "));
-        }
+    }
+    println!(
+        "the trellis rows are medians of {} rounds, a fresh sidecar pair each, run interleaved in the order {} (P plain, Q policies, T tracing)",
+        report.rounds, report.order
+    );
+    for s in report
+        .scenarios
+        .iter()
+        .filter(|s| s.name.starts_with("trellis") && !s.rounds.is_empty())
+    {
+        let p99s: Vec<String> = s
+            .rounds
+            .iter()
+            .map(|r| format!("{:.3}", r.p99_ms))
+            .collect();
+        println!("  {} p99 per round, ms: {}", s.name, p99s.join(", "));
     }
 }
 
@@ -442,7 +532,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let report = match runtime.block_on(run(args)) {
+    // The traced pair's collector gets a thread of its own: on the load generator's
+    // it would slow the client and be billed to the tracing row.
+    let collector_runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("trellis-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let collector = collector_runtime.block_on(Collector::start());
+    let report = match runtime.block_on(run(args, &collector)) {
         Ok(report) => report,
         Err(e) => {
             eprintln!("trellis-bench: {e}");

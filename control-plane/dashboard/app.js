@@ -392,14 +392,24 @@ function receive(text) {
   }
 }
 
+function poll() {
+  return fetch("/api/snapshot", { cache: "no-store" })
+    .then((response) => (response.ok ? response.text() : null))
+    .then((text) => { if (text) receive(text); })
+    .catch(() => setStatus("down", "the control plane does not answer"));
+}
+
 function follow() {
   const events = new EventSource("/events");
   events.onmessage = (event) => receive(event.data);
-  events.onerror = () => setStatus("down", "disconnected; reconnecting…");
+  events.onerror = () => {
+    setStatus("down", "disconnected; reconnecting…");
+    // The browser retries a dropped stream itself, but gives up on an answer that is
+    // not a stream (e.g. 503 when too many pages follow): poll, then follow anew.
+    if (events.readyState === EventSource.CLOSED) {
+      setTimeout(() => poll().finally(follow), 5000);
+    }
+  };
 }
 
-fetch("/api/snapshot", { cache: "no-store" })
-  .then((response) => (response.ok ? response.text() : null))
-  .then((text) => { if (text) receive(text); })
-  .catch(() => setStatus("down", "the control plane does not answer"))
-  .finally(follow);
+poll().finally(follow);

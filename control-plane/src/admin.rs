@@ -2,6 +2,11 @@
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
+use crate::{
+    compiler::{Compiler, Resources},
+    source::ConfigSource,
+    telemetry::{self, CanaryState},
+};
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
@@ -10,19 +15,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use trellis_crds::{CanaryStatus, Document};
-
-use crate::{
-    compiler::Compiler,
-    store::{ResourceKey, Store},
-    telemetry::{self, CanaryState},
-};
 
 /// What `/metrics` renders: the recorder's events and the state read at scrape time.
 #[derive(Clone)]
 pub struct Admin {
     pub metrics: PrometheusHandle,
-    pub store: Arc<Store>,
     pub compiler: Arc<Compiler>,
 }
 
@@ -86,8 +83,8 @@ async fn render(admin: &Admin) -> String {
     let mut body = admin.metrics.render();
     // The compiled revision is read first: the canaries it shows are at least as new.
     let revision = admin.compiler.compiled_revision();
-    let store = admin.store.clone();
-    let canaries = match tokio::task::spawn_blocking(move || canaries(&store)).await {
+    let source = admin.compiler.source().clone();
+    let canaries = match tokio::task::spawn_blocking(move || canaries(source.as_ref())).await {
         Ok(Ok(canaries)) => canaries,
         // The rest of the metrics are still worth a scrape.
         Ok(Err(error)) => {
@@ -104,36 +101,35 @@ async fn render(admin: &Admin) -> String {
 }
 
 /// Every Canary with its status (a canary the controller has not seen yet is
-/// `Pending` at 0%). Blocking: store reads.
-fn canaries(store: &Store) -> Result<Vec<CanaryState>, crate::store::StoreError> {
-    let mut out = Vec::new();
-    for document in store.list(Some("Canary"))? {
-        let Document::Canary(canary) = document else {
-            continue;
-        };
-        let namespace = canary
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into());
-        let name = canary.metadata.name.clone().unwrap_or_default();
-        // Keyed as the controller keys the status it writes.
-        let key = ResourceKey {
-            kind: "Canary".into(),
-            namespace: Some(namespace.clone()),
-            name: name.clone(),
-        };
-        let status: CanaryStatus = store
-            .status(&key)?
-            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
-            .unwrap_or_default();
-        out.push(CanaryState {
-            namespace,
-            name,
-            service: canary.spec.service.clone(),
-            status,
-        });
-    }
+/// `Pending` at 0%), from the config source: the store in universal mode, the
+/// cluster's Canary objects in kubernetes mode. Blocking: the source may read.
+fn canaries(source: &dyn ConfigSource) -> Result<Vec<CanaryState>, crate::store::StoreError> {
+    let (_, resources) = source.resources()?;
+    let Resources {
+        canaries,
+        mut canary_status,
+        ..
+    } = resources;
+    let mut out: Vec<CanaryState> = canaries
+        .into_iter()
+        .map(|canary| {
+            let namespace = canary
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let name = canary.metadata.name.clone().unwrap_or_default();
+            let status = canary_status
+                .remove(&(namespace.clone(), name.clone()))
+                .unwrap_or_default();
+            CanaryState {
+                namespace,
+                name,
+                service: canary.spec.service,
+                status,
+            }
+        })
+        .collect();
     out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
     Ok(out)
 }

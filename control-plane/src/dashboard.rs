@@ -79,6 +79,8 @@ pub struct Dashboard {
     source: Arc<dyn ConfigSource>,
     history: Mutex<CanaryHistory>,
     breakers: Mutex<Breakers>,
+    /// The canaries as of the latest good read.
+    canaries: Mutex<Vec<CanaryInfo>>,
     /// The DestinationPolicies as of the latest read, for bulkhead limits.
     policies: Mutex<Vec<(String, DestinationPolicySpec)>>,
     latest: watch::Sender<Bytes>,
@@ -792,8 +794,8 @@ fn respond(
     response
 }
 
-/// Whether a `Host` header names this machine by address or as `localhost`. A
-/// dashboard on loopback answers only those: a web page elsewhere that points its own
+/// Whether a `Host` header names this machine by address or as `localhost`. The
+/// dashboard answers only those: a web page elsewhere that points its own
 /// name at 127.0.0.1 (DNS rebinding) must not read the mesh through a browser.
 fn local_host(host: Option<&str>) -> bool {
     // HTTP/1.0 may send no Host; a browser always does.
@@ -825,6 +827,7 @@ impl Dashboard {
             registry,
             source,
             history: Mutex::default(),
+            canaries: Mutex::default(),
             breakers: Mutex::default(),
             policies: Mutex::default(),
             latest: watch::Sender::new(Bytes::new()),
@@ -844,21 +847,24 @@ impl Dashboard {
                 _ = tick.tick() => {}
             }
             let source = self.source.clone();
-            let canaries =
-                match tokio::task::spawn_blocking(move || read_source(source.as_ref())).await {
-                    Ok(Ok((canaries, policies))) => {
-                        *self.policies.lock() = policies;
-                        canaries
-                    }
-                    Ok(Err(error)) => {
-                        tracing::warn!(%error, "the dashboard could not read canaries");
-                        Vec::new()
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "the dashboard's read of canaries failed");
-                        Vec::new()
-                    }
-                };
+            let read = match tokio::task::spawn_blocking(move || read_source(source.as_ref())).await
+            {
+                Ok(Ok(read)) => Some(read),
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "the dashboard could not read canaries");
+                    None
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "the dashboard's read of canaries failed");
+                    None
+                }
+            };
+            // A failed read keeps the canaries (and their history) of the last good one.
+            if let Some((canaries, policies)) = read {
+                *self.policies.lock() = policies;
+                *self.canaries.lock() = canaries;
+            }
+            let canaries = self.canaries.lock().clone();
             self.publish(&canaries);
         }
     }
@@ -921,7 +927,6 @@ impl Dashboard {
 
     /// Serves the page until `shutdown`.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
         loop {
             let accepted = tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -940,7 +945,7 @@ impl Dashboard {
             let service = hyper::service::service_fn(move |req| {
                 let dashboard = dashboard.clone();
                 let shutdown = shutdown.clone();
-                async move { Ok::<_, Infallible>(dashboard.handle(&req, loopback, &shutdown)) }
+                async move { Ok::<_, Infallible>(dashboard.handle(&req, &shutdown)) }
             });
             tokio::spawn(async move {
                 let served = hyper::server::conn::http1::Builder::new()
@@ -957,19 +962,19 @@ impl Dashboard {
     fn handle(
         self: &Arc<Self>,
         req: &Request<Incoming>,
-        loopback: bool,
         shutdown: &CancellationToken,
     ) -> Response<Body> {
         let host = req
             .headers()
             .get(header::HOST)
             .and_then(|v| v.to_str().ok());
-        if loopback && !local_host(host) {
+        // Whatever the bind address: a port-forward or tunnel makes any address loopback.
+        if !local_host(host) {
             return respond(
                 StatusCode::FORBIDDEN,
                 "text/plain; charset=utf-8",
-                "the dashboard on loopback answers only to localhost or an IP address in \
-                 the Host header; behind a proxy, bind it where the proxy reaches it\n",
+                "the dashboard answers only to localhost or an IP address in the Host \
+                 header; behind a proxy, have it send one\n",
             );
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {

@@ -104,6 +104,20 @@ impl IdentityService {
     }
 }
 
+/// The namespace and service account of the control plane's own SVID, which sidecars
+/// require of the control plane they talk to.
+pub const CONTROL_PLANE_NAMESPACE: &str = "trellis-system";
+pub const CONTROL_PLANE_ACCOUNT: &str = "trellis-control-plane";
+
+fn is_control_plane_id(id: &SpiffeId) -> bool {
+    id.as_str()
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .is_some_and(|(_, path)| {
+            path == format!("ns/{CONTROL_PLANE_NAMESPACE}/sa/{CONTROL_PLANE_ACCOUNT}")
+        })
+}
+
 #[tonic::async_trait]
 impl Identity for IdentityService {
     async fn certify(
@@ -169,6 +183,12 @@ impl Identity for IdentityService {
                 }
             },
         };
+        // Sidecars trust the control plane by this id: no credential may buy it.
+        if is_control_plane_id(&expected) {
+            let message = format!("{expected} is the control plane's own identity");
+            tracing::warn!(%message, credential = credential_kind, "Certify refused");
+            return Err(Status::permission_denied(message));
+        }
         if requested_id != expected.as_str() {
             let message = format!("the credential is for {expected}, not {requested_id}");
             tracing::info!(%message, "Certify refused");

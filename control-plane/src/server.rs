@@ -254,8 +254,12 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
         0o644,
     )?;
 
-    let own_id = SpiffeId::workload(&trust_domain, "trellis-system", "trellis-control-plane")
-        .map_err(|e| ServerError::Authority(e.to_string()))?;
+    let own_id = SpiffeId::workload(
+        &trust_domain,
+        crate::identity::CONTROL_PLANE_NAMESPACE,
+        crate::identity::CONTROL_PLANE_ACCOUNT,
+    )
+    .map_err(|e| ServerError::Authority(e.to_string()))?;
     let creds = Credentials::with_svid(
         own_svid(&authority, &own_id)?,
         authority.trust_bundle().clone(),
@@ -421,7 +425,6 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ServerErro
 
     let admin = crate::admin::Admin {
         metrics,
-        store: store.clone(),
         compiler: compiler.clone(),
     };
     if let Some(listener) = webhook_listener {

@@ -91,10 +91,16 @@ fn a_pod_of_a_labelled_namespace_gets_a_patch_that_yields_the_golden_pod() {
         pod["metadata"]["annotations"]["trellis.dev/injected"],
         "true"
     );
-    // The app and what it had are untouched.
+    // The app and what it had are untouched, but for its HTTP probe, which now goes
+    // through the proxy's admin port (the redirect would send it to mTLS).
+    let mut app = review["request"]["object"]["spec"]["containers"].clone();
+    app[0]["readinessProbe"]["httpGet"] =
+        json!({"path": "/app-probe/orders/readiness", "port": 15020, "scheme": "HTTP"});
+    assert_eq!(pod["spec"]["containers"], app);
+    // The app's own init container comes after the two of the mesh, whole.
     assert_eq!(
-        pod["spec"]["containers"],
-        review["request"]["object"]["spec"]["containers"]
+        inits[2],
+        review["request"]["object"]["spec"]["initContainers"][0]
     );
     assert_eq!(
         pod["metadata"]["ownerReferences"],

@@ -12,6 +12,11 @@
 //!    traffic is meshed too), and its startup probe holds them until it is ready.
 //! 3. Volumes: a projected ServiceAccount token (audience `trellis`) for
 //!    `Identity.Certify`, and the `trellis-trust-anchors` ConfigMap.
+//!
+//! The app containers' HTTP probes are pointed at the proxy's admin port
+//! (`/app-probe/<container>/<kind>`), which the redirect leaves alone and which relays
+//! them to the app over loopback: the kubelet speaks plaintext from outside the pod,
+//! which the inbound listener refuses under STRICT mTLS.
 
 use std::collections::BTreeMap;
 
@@ -48,6 +53,19 @@ pub const TRUST_ANCHORS_DIR: &str = "/var/run/trellis/trust-anchors";
 /// The audience the control plane's TokenReview asks for.
 pub const TOKEN_AUDIENCE: &str = "trellis";
 pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
+
+/// Where the admin port answers a rewritten app probe: `<prefix><container>/<kind>`.
+pub const APP_PROBE_PREFIX: &str = "/app-probe/";
+/// The proxy's env naming where each rewritten probe really goes, as JSON:
+/// `{"/app-probe/web/readiness": {"port": 8080, "path": "/ready"}}`.
+pub const APP_PROBES_ENV: &str = "TRELLIS_APP_PROBES";
+
+/// Where a rewritten probe really goes: `GET http://127.0.0.1:<port><path>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppProbe {
+    pub port: u16,
+    pub path: String,
+}
 
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PORT: u16 = 15006;
@@ -257,10 +275,16 @@ pub fn inject(
     }
 
     let init = init_container(settings, &skip_inbound, &skip_outbound)?;
-    let proxy = proxy_container(settings, &service, app_port, app_protocol.as_deref())?;
-
     let mut injected = pod.clone();
     let spec = injected.spec.get_or_insert_with(Default::default);
+    let probes = rewrite_probes(&mut spec.containers, &skip_inbound);
+    let proxy = proxy_container(
+        settings,
+        &service,
+        app_port,
+        app_protocol.as_deref(),
+        &probes,
+    )?;
     let inits = spec.init_containers.get_or_insert_with(Vec::new);
     inits.insert(0, proxy);
     inits.insert(0, init);
@@ -273,6 +297,61 @@ pub fn inject(
         .get_or_insert_with(BTreeMap::new)
         .insert(INJECTED_ANNOTATION.into(), "true".into());
     Ok(Injection::Injected(Box::new(injected)))
+}
+
+/// Points each container's plain-HTTP `httpGet` probes at the proxy's admin port and
+/// returns where they really go. Left alone: probes of a port the redirect skips (they
+/// reach the app directly), with their own `host`, over HTTPS, or of a named port the
+/// container does not declare (the kubelet reports that one itself).
+fn rewrite_probes(
+    containers: &mut [Container],
+    skip_inbound: &[u16],
+) -> BTreeMap<String, AppProbe> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let mut probes = BTreeMap::new();
+    for container in containers {
+        let declared: Vec<(String, i32)> = container
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| Some((p.name.clone()?, p.container_port)))
+            .collect();
+        for (kind, probe) in [
+            ("liveness", &mut container.liveness_probe),
+            ("readiness", &mut container.readiness_probe),
+            ("startup", &mut container.startup_probe),
+        ] {
+            let Some(http) = probe.as_mut().and_then(|p| p.http_get.as_mut()) else {
+                continue;
+            };
+            if http.host.is_some() || http.scheme.as_deref().is_some_and(|s| s != "HTTP") {
+                continue;
+            }
+            let port = match &http.port {
+                IntOrString::Int(port) => Some(*port),
+                IntOrString::String(name) => declared
+                    .iter()
+                    .find(|(declared, _)| declared == name)
+                    .map(|(_, port)| *port),
+            };
+            let Some(port) = port.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0) else {
+                continue;
+            };
+            if skip_inbound.contains(&port) {
+                continue;
+            }
+            let admin_path = format!("{APP_PROBE_PREFIX}{}/{kind}", container.name);
+            let path = http
+                .path
+                .clone()
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| "/".into());
+            probes.insert(admin_path.clone(), AppProbe { port, path });
+            http.port = IntOrString::Int(i32::from(ADMIN_PORT));
+            http.path = Some(admin_path);
+        }
+    }
+    probes
 }
 
 fn parse_port(annotation: &'static str, value: &str) -> Result<u16, InjectError> {
@@ -370,6 +449,7 @@ fn proxy_container(
     service: &str,
     app_port: u16,
     app_protocol: Option<&str>,
+    probes: &BTreeMap<String, AppProbe>,
 ) -> Result<Container, InjectError> {
     let mut args = vec![
         "--control-plane".to_string(),
@@ -408,6 +488,20 @@ fn proxy_container(
             "timeoutSeconds": 1,
         })
     };
+    let mut env = json!([
+        {"name": "POD_NAME", "valueFrom": field("metadata.name")},
+        {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
+        {"name": "POD_IP", "valueFrom": field("status.podIP")},
+        {"name": "SERVICE_ACCOUNT", "valueFrom": field("spec.serviceAccountName")},
+        {"name": "TRELLIS_SERVICE", "value": service},
+        {"name": "TRELLIS_NAMESPACE", "value": "$(POD_NAMESPACE)"},
+        {"name": "TRELLIS_INSTANCE", "value": "$(POD_NAME)"},
+    ]);
+    if !probes.is_empty()
+        && let (Some(env), Ok(value)) = (env.as_array_mut(), serde_json::to_string(probes))
+    {
+        env.push(json!({"name": APP_PROBES_ENV, "value": value}));
+    }
     let mut container: Container = build(
         PROXY_CONTAINER,
         json!({
@@ -416,15 +510,7 @@ fn proxy_container(
             // A native sidecar: started before the app, stopped after it.
             "restartPolicy": "Always",
             "args": args,
-            "env": [
-                {"name": "POD_NAME", "valueFrom": field("metadata.name")},
-                {"name": "POD_NAMESPACE", "valueFrom": field("metadata.namespace")},
-                {"name": "POD_IP", "valueFrom": field("status.podIP")},
-                {"name": "SERVICE_ACCOUNT", "valueFrom": field("spec.serviceAccountName")},
-                {"name": "TRELLIS_SERVICE", "value": service},
-                {"name": "TRELLIS_NAMESPACE", "value": "$(POD_NAMESPACE)"},
-                {"name": "TRELLIS_INSTANCE", "value": "$(POD_NAME)"},
-            ],
+            "env": env,
             "ports": [
                 {"name": "trellis-inbound", "containerPort": INBOUND_PORT, "protocol": "TCP"},
                 {"name": "trellis-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
@@ -533,6 +619,77 @@ mod tests {
             Injection::Injected(pod) => *pod,
             other => panic!("not injected: {other:?}"),
         }
+    }
+
+    #[test]
+    fn app_http_probes_go_through_the_proxys_admin_port() {
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-1", "labels": {"app": "web"},
+                         "annotations": {SKIP_INBOUND_ANNOTATION: "9100"}},
+            "spec": {"containers": [{
+                "name": "web", "image": "web:1",
+                "ports": [{"name": "http", "containerPort": 8080}, {"containerPort": 9100}],
+                "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}},
+                "livenessProbe": {"httpGet": {"port": 8080}},
+                // Skipped by the redirect, another host, HTTPS: they keep their target.
+                "startupProbe": {"httpGet": {"path": "/metrics", "port": 9100}},
+            }, {
+                "name": "tls", "image": "tls:1",
+                "readinessProbe": {"httpGet": {"path": "/ok", "port": 8443, "scheme": "HTTPS"}},
+                "livenessProbe": {"httpGet": {"path": "/ok", "port": 80, "host": "10.0.0.1"}},
+                "startupProbe": {"tcpSocket": {"port": 8080}},
+            }]},
+        }))
+        .unwrap();
+        let spec = injected(&pod).spec.unwrap();
+        let web = &spec.containers[0];
+        let target = |probe: &Option<k8s_openapi::api::core::v1::Probe>| {
+            let http = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+            (
+                serde_json::to_value(&http.port).unwrap(),
+                http.path.clone().unwrap_or_default(),
+            )
+        };
+        assert_eq!(
+            target(&web.readiness_probe),
+            (json!(ADMIN_PORT), "/app-probe/web/readiness".to_string())
+        );
+        assert_eq!(
+            target(&web.liveness_probe),
+            (json!(ADMIN_PORT), "/app-probe/web/liveness".to_string())
+        );
+        assert_eq!(
+            target(&web.startup_probe),
+            (json!(9100), "/metrics".to_string())
+        );
+        let untouched = &pod.spec.as_ref().unwrap().containers[1];
+        assert_eq!(&spec.containers[1], untouched);
+
+        let proxy = &spec.init_containers.unwrap()[1];
+        let env = proxy.env.as_ref().unwrap();
+        let probes = env.iter().find(|e| e.name == APP_PROBES_ENV).unwrap();
+        let probes: BTreeMap<String, AppProbe> =
+            serde_json::from_str(probes.value.as_deref().unwrap()).unwrap();
+        assert_eq!(
+            probes,
+            BTreeMap::from([
+                (
+                    "/app-probe/web/liveness".to_string(),
+                    AppProbe {
+                        port: 8080,
+                        path: "/".into()
+                    }
+                ),
+                (
+                    "/app-probe/web/readiness".to_string(),
+                    AppProbe {
+                        port: 8080,
+                        path: "/ready".into()
+                    }
+                ),
+            ])
+        );
     }
 
     #[test]

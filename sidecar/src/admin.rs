@@ -23,11 +23,15 @@ use tokio_util::sync::CancellationToken;
 use trellis_ca::Credentials;
 
 use crate::{
+    app_probe::AppProbes,
     outbound::destinations::{Destinations, DestinationsView},
     tap::{self, OwnIdentity, TapBody},
     telemetry::{self, rfc3339},
     traffic,
 };
+
+/// Where the injector points the app's probes (`trellis_crds::injection`).
+const APP_PROBE_PREFIX: &str = "/app-probe/";
 
 /// What the admin server answers with: a whole body, or the tap's endless one.
 type AdminBody = Either<Full<Bytes>, TapBody>;
@@ -64,6 +68,8 @@ pub struct Admin {
     pub listeners: Listeners,
     /// Cancelled when the proxy starts draining; `POST /shutdown` cancels it.
     pub shutdown: CancellationToken,
+    /// `GET /app-probe/...`: the app's own probes, relayed (see `app_probe`).
+    pub app_probes: AppProbes,
 }
 
 #[derive(Serialize)]
@@ -202,9 +208,20 @@ impl Admin {
             };
             let admin = self.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let admin = admin.clone();
-                    async move { Ok::<_, std::convert::Infallible>(admin.respond(req)) }
+                    async move {
+                        let probe = (req.method() == Method::GET)
+                            .then(|| req.uri().path().strip_prefix(APP_PROBE_PREFIX))
+                            .flatten()
+                            .is_some();
+                        let response = if probe {
+                            admin.app_probe(req.uri().path()).await.map(Either::Left)
+                        } else {
+                            admin.respond(req)
+                        };
+                        Ok::<_, std::convert::Infallible>(response)
+                    }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(hyper_util::rt::TokioTimer::new())
@@ -214,6 +231,15 @@ impl Admin {
                     tracing::debug!(%error, "admin connection ended with an error");
                 }
             });
+        }
+    }
+
+    /// `GET /app-probe/<container>/<kind>`: the app's answer to the probe the
+    /// injector moved here, or 404 for a path it did not name.
+    async fn app_probe(&self, path: &str) -> Response<Full<Bytes>> {
+        match self.app_probes.get(path) {
+            Some(probe) => crate::app_probe::relay(probe).await,
+            None => text(StatusCode::NOT_FOUND, "no such app probe"),
         }
     }
 

@@ -57,6 +57,11 @@ pub struct Args {
     #[arg(long, env = "TRELLIS_ADMIN_ADDR", default_value = "127.0.0.1:15020")]
     pub admin_addr: SocketAddr,
 
+    /// The app's HTTP probes the admin port relays (set by the Kubernetes injector):
+    /// JSON, `{"/app-probe/web/readiness": {"port": 8080, "path": "/ready"}}`.
+    #[arg(long, env = "TRELLIS_APP_PROBES", value_name = "JSON", value_parser = crate::app_probe::AppProbes::parse)]
+    pub app_probes: Option<crate::app_probe::AppProbes>,
+
     /// Static mode: a YAML file with the identity files, endpoints and TCP listeners.
     /// Exactly one of `--config` and `--control-plane`.
     #[arg(long, env = "TRELLIS_CONFIG", value_name = "FILE")]

@@ -10,6 +10,7 @@
 #![warn(missing_debug_implementations)]
 
 pub mod admin;
+pub mod app_probe;
 pub mod args;
 pub mod control;
 pub mod gateway;

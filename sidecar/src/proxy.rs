@@ -86,6 +86,7 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
         inbound_addr,
         outbound_addr,
         admin_addr,
+        app_probes,
         config,
         control: control_args,
         log_format: _,
@@ -197,6 +198,7 @@ pub async fn run(args: Args, metrics: PrometheusHandle) -> Result<(), ProxyError
         metrics,
         listeners: listeners.clone(),
         shutdown: shutdown.clone(),
+        app_probes: app_probes.unwrap_or_default(),
     });
     tokio::spawn(admin.serve(admin_listener));
 

@@ -216,8 +216,15 @@ static PEER_SERVICES: LazyLock<RwLock<HashSet<String>>> = LazyLock::new(RwLock::
 
 /// `peer`, or `other` once `MAX_PEER_SERVICES` others are in use.
 pub fn bounded_peer(peer: &str) -> &str {
-    if PEER_SERVICES.read().contains(peer) {
-        return peer;
+    {
+        let peers = PEER_SERVICES.read();
+        if peers.contains(peer) {
+            return peer;
+        }
+        // Full: no write lock on every request from a peer beyond the cap.
+        if peers.len() >= MAX_PEER_SERVICES {
+            return "other";
+        }
     }
     let mut peers = PEER_SERVICES.write();
     if peers.len() < MAX_PEER_SERVICES {

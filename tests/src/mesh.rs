@@ -11,7 +11,9 @@ use std::{
     time::Duration,
 };
 
-use trellis_api::config::{EndpointConfig, InboundConfig, MtlsMode, ProxyConfig, ServiceConfig};
+use trellis_api::config::{
+    EndpointConfig, InboundConfig, MtlsMode, ProxyConfig, ServiceConfig, TracingConfig,
+};
 use trellis_ca::{SpiffeId, WorkloadKey};
 
 use crate::{
@@ -46,6 +48,8 @@ pub struct SidecarSpec {
     /// `--app-protocol`: `http` or `tcp`.
     pub app_protocol: &'static str,
     pub idle_timeout: &'static str,
+    /// Where spans go, as `ProxyConfig.tracing`.
+    pub tracing: Option<TracingConfig>,
 }
 
 impl SidecarSpec {
@@ -60,6 +64,7 @@ impl SidecarSpec {
             drain_timeout: "30s",
             app_protocol: "http",
             idle_timeout: "60s",
+            tracing: None,
         }
     }
 
@@ -83,6 +88,15 @@ impl SidecarSpec {
     /// Sets the inbound authorization rules.
     pub fn inbound(mut self, inbound: InboundConfig) -> Self {
         self.inbound = inbound;
+        self
+    }
+
+    /// Records every request's spans and exports them to the OTLP/gRPC `endpoint`.
+    pub fn traced(mut self, endpoint: &str) -> Self {
+        self.tracing = Some(TracingConfig {
+            otlp_endpoint: Some(endpoint.into()),
+            sampling_ratio: 1.0,
+        });
         self
     }
 }
@@ -154,7 +168,7 @@ impl Mesh {
             mtls: spec.mtls,
             services: spec.services.clone(),
             inbound: spec.inbound.clone(),
-            tracing: None,
+            tracing: spec.tracing.clone(),
         };
         let config = serde_json::json!({
             "identity": {"certificate": cert, "privateKey": key, "trustBundle": bundle},

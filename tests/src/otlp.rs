@@ -155,6 +155,11 @@ impl Collector {
         self.received.spans.lock().clone()
     }
 
+    /// Forgets the spans received so far; how many there were.
+    pub fn drain(&self) -> usize {
+        std::mem::take(&mut *self.received.spans.lock()).len()
+    }
+
     /// Polls the received spans until `done` holds for them, or fails naming `what`.
     pub async fn wait_for(
         &self,

@@ -255,20 +255,24 @@ fn load(
 }
 
 /// Writes the trust anchors into the ConfigMap in `namespace` (server-side apply).
-/// In the control plane's own namespace an operator-supplied bundle that already holds
-/// every root of ours is kept: during a root rotation it lists old and new.
+/// An operator-supplied bundle in the control plane's own namespace (`own_namespace`)
+/// that already holds every root of ours is kept, and copied: during a root rotation
+/// it lists old and new. What a meshed namespace's copy says is never read back, so
+/// whoever may edit ConfigMaps there cannot slip a root of their own into it.
 pub async fn publish_trust_anchors(
     client: &Client,
+    own_namespace: &str,
     namespace: &str,
     bundle: &TrustBundle,
 ) -> Result<(), CaSecretError> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let own: Api<ConfigMap> = Api::namespaced(client.clone(), own_namespace);
     let fail = |source| CaSecretError::Anchors {
         namespace: namespace.into(),
         source,
     };
     let pem = anchors_to_publish(
-        api.get_opt(TRUST_ANCHORS_CONFIGMAP).await.map_err(fail)?,
+        own.get_opt(TRUST_ANCHORS_CONFIGMAP).await.map_err(fail)?,
         bundle,
     );
     let data: BTreeMap<_, _> = TRUST_ANCHORS_KEYS
@@ -336,7 +340,7 @@ pub async fn publish_everywhere(
     }
     let mut written = 0;
     for namespace in namespaces {
-        match publish_trust_anchors(client, &namespace, bundle).await {
+        match publish_trust_anchors(client, own_namespace, &namespace, bundle).await {
             Ok(()) => written += 1,
             Err(error) => tracing::warn!(%error, "publishing the trust anchors failed"),
         }

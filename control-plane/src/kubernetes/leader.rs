@@ -81,7 +81,13 @@ impl LeaderElection {
         let mut observed: Option<Observed> = None;
         let mut last_renewed: Option<Instant> = None;
         loop {
-            let result = self.try_acquire_or_renew(&api, &mut observed).await;
+            // A request that hangs must not keep this replica leading: the Err arm
+            // below steps down in time only if every round ends.
+            let round = self.try_acquire_or_renew(&api, &mut observed);
+            let result = match tokio::time::timeout(self.renew_every, round).await {
+                Ok(result) => result.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {:?}", self.renew_every)),
+            };
             let now = Instant::now();
             let leads = match result {
                 Ok(leads) => {

@@ -31,6 +31,7 @@ use trellis_control_plane::{
 use trellis_tests::{eventually, fake_kube::FakeKube};
 
 const ORDER: &str = "spiffe://cluster.local/ns/shop/sa/order";
+const CONTROL_PLANE: &str = "spiffe://cluster.local/ns/trellis-system/sa/trellis-control-plane";
 
 async fn start() -> (FakeKube, Client) {
     let fake = FakeKube::start().await;
@@ -57,6 +58,13 @@ fn review(body: Value) -> Result<Value, (u16, String)> {
             "audiences": ["trellis"],
             "user": {"username": "system:serviceaccount:shop:order", "uid": "u-1",
                      "groups": ["system:serviceaccounts", "system:serviceaccounts:shop"]},
+        }),
+        // The control plane's own account, e.g. in a namespace someone else created
+        // where the chart was installed elsewhere.
+        "control-plane-token" if audiences == json!(["trellis"]) => json!({
+            "authenticated": true,
+            "audiences": ["trellis"],
+            "user": {"username": "system:serviceaccount:trellis-system:trellis-control-plane"},
         }),
         // A token minted for the API server itself: the authenticator vouches for the
         // user but not for the trellis audience.
@@ -125,6 +133,12 @@ async fn certify_reviews_service_account_tokens_through_the_api_server() {
         ),
         ("order-token", payment, payment, "the credential is for"),
         ("order-token", payment, ORDER, "CSR asks for"),
+        (
+            "control-plane-token",
+            CONTROL_PLANE,
+            CONTROL_PLANE,
+            "the control plane's own identity",
+        ),
     ] {
         let status = identity
             .certify(certify(token, csr, requested))

@@ -178,7 +178,9 @@ async fn a_saturated_pool_refuses_at_once_and_never_slows_another() {
     // see the same background: these tests share two cores with each other and with
     // builds, and a baseline taken before the saturation can be seconds and a load
     // spike away.
-    let samples = 1000;
+    // The held requests give up after 20 s (`within`), so the sampling must end well
+    // before that on a slow, shared machine: 400 pairs still put 4 above the p99.
+    let samples = 400;
     let (mut beside, mut alone) = (Vec::new(), Vec::new());
     for i in 0..samples {
         if i % 2 == 0 {

@@ -417,7 +417,7 @@ async fn a_collector_that_is_down_costs_requests_nothing_but_the_drop_counter() 
         );
         median_latency(&client, 5).await;
     }
-    let before = spans_dropped(&client).await;
+    let before = [spans_dropped(&client).await, spans_dropped(&web).await];
     let traced = median_latency(&client, 200).await;
     eprintln!(
         "median latency: {untraced:?} without tracing, {traced:?} exporting to a closed port"
@@ -429,7 +429,7 @@ async fn a_collector_that_is_down_costs_requests_nothing_but_the_drop_counter() 
     );
 
     // Every span of those 200 requests is dropped, on both sides, and counted.
-    for sidecar in [&client, &web] {
+    for (sidecar, before) in [&client, &web].into_iter().zip(before) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let dropped = spans_dropped(sidecar).await;

@@ -473,9 +473,10 @@ async fn statistics_show_a_slow_failing_v2_beside_a_fast_healthy_v1() {
     // The same bound, in percent of v2's requests.
     let bound = 3.29 * (v2 as f64 * 0.1 * 0.9).sqrt() * 100.0 / v2 as f64;
     assert!((rate - 90.0).abs() <= bound, "90% ± {bound:.1}: {v2_row}");
-    // 50 ms added to each: p99 interpolates into the (50 ms, 100 ms] bucket.
+    // 50 ms added to each: p99 interpolates into the (50 ms, 100 ms] bucket, or the
+    // next, (100 ms, 250 ms], when a loaded machine delays a few answers past 100 ms.
     let p99 = v2_row["p99Ms"].as_f64().unwrap();
-    assert!((25.0..=100.0).contains(&p99), "{v2_row}");
+    assert!((25.0..=250.0).contains(&p99), "{v2_row}");
 
     let v1_row = stats_row(&mesh.cp, "v1", v1).await;
     assert_eq!(v1_row["successRate"], 100.0, "{v1_row}");
