@@ -3,7 +3,7 @@
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use crate::{
-    compiler::{Compiler, Resources},
+    compiler::Compiler,
     source::ConfigSource,
     telemetry::{self, CanaryState},
 };
@@ -104,30 +104,15 @@ async fn render(admin: &Admin) -> String {
 /// `Pending` at 0%), from the config source: the store in universal mode, the
 /// cluster's Canary objects in kubernetes mode. Blocking: the source may read.
 fn canaries(source: &dyn ConfigSource) -> Result<Vec<CanaryState>, crate::store::StoreError> {
-    let (_, resources) = source.resources()?;
-    let Resources {
-        canaries,
-        mut canary_status,
-        ..
-    } = resources;
-    let mut out: Vec<CanaryState> = canaries
+    let (_, mut resources) = source.resources()?;
+    let mut out: Vec<CanaryState> = resources
+        .take_canaries()
         .into_iter()
-        .map(|canary| {
-            let namespace = canary
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            let name = canary.metadata.name.clone().unwrap_or_default();
-            let status = canary_status
-                .remove(&(namespace.clone(), name.clone()))
-                .unwrap_or_default();
-            CanaryState {
-                namespace,
-                name,
-                service: canary.spec.service,
-                status,
-            }
+        .map(|(namespace, name, canary, status)| CanaryState {
+            namespace,
+            name,
+            service: canary.spec.service,
+            status: status.unwrap_or_default(),
         })
         .collect();
     out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));

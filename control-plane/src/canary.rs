@@ -30,7 +30,7 @@ use trellis_crds::{
 };
 
 use crate::{
-    compiler::{Compiler, Resources},
+    compiler::Compiler,
     reports::{BackendStats, Reports},
     store::{ResourceKey, Store, StoreError},
 };
@@ -246,20 +246,11 @@ impl CanaryController {
                 Ok(canaries)
             }
             Home::Cluster { .. } => {
-                let (_, resources) = self.compiler.source().resources()?;
-                let Resources {
-                    canaries,
-                    mut canary_status,
-                    ..
-                } = resources;
-                Ok(canaries
+                let (_, mut resources) = self.compiler.source().resources()?;
+                Ok(resources
+                    .take_canaries()
                     .into_iter()
-                    .map(|canary| {
-                        let key = key_of(&canary);
-                        let status = canary_status
-                            .remove(&(key.namespace.unwrap_or_else(|| "default".into()), key.name));
-                        (canary, status)
-                    })
+                    .map(|(_, _, canary, status)| (canary, status))
                     .collect())
             }
         }

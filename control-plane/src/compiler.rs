@@ -78,6 +78,21 @@ impl Resources {
         let mesh = self.mesh.as_ref()?;
         trellis_api::duration::parse(&mesh.cert_ttl).ok()
     }
+
+    /// Each Canary with its (namespace, name) and the controller's status of it, if
+    /// any; moved out of `self`.
+    pub fn take_canaries(&mut self) -> Vec<(String, String, Canary, Option<CanaryStatus>)> {
+        let mut statuses = std::mem::take(&mut self.canary_status);
+        std::mem::take(&mut self.canaries)
+            .into_iter()
+            .map(|canary| {
+                let namespace = namespace_of(&canary.metadata).to_string();
+                let name = canary.metadata.name.clone().unwrap_or_default();
+                let status = statuses.remove(&(namespace.clone(), name.clone()));
+                (namespace, name, canary, status)
+            })
+            .collect()
+    }
 }
 
 fn namespace_of(meta: &ObjectMeta) -> &str {

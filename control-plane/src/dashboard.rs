@@ -36,7 +36,6 @@ use trellis_crds::{
 };
 
 use crate::{
-    compiler::Resources,
     registry::{EndpointView, Registry},
     reports::{self, Reports, StatsFilter},
     source::ConfigSource,
@@ -719,36 +718,19 @@ type Stored = (Vec<CanaryInfo>, Vec<(String, DestinationPolicySpec)>);
 /// The canaries and policies as the config source has them: the store in universal
 /// mode, the cluster's objects in kubernetes mode.
 fn read_source(source: &dyn ConfigSource) -> Result<Stored, StoreError> {
-    let (_, resources) = source.resources()?;
-    let Resources {
-        canaries,
-        canary_status,
-        policies,
-        mesh: _,
-        routes: _,
-        authorization: _,
-    } = resources;
-    let canaries = canaries
+    let (_, mut resources) = source.resources()?;
+    let canaries = resources
+        .take_canaries()
         .into_iter()
-        .map(|canary| {
-            let namespace = canary
-                .metadata
-                .namespace
-                .clone()
-                .unwrap_or_else(|| "default".into());
-            let name = canary.metadata.name.clone().unwrap_or_default();
-            let status = canary_status
-                .get(&(namespace.clone(), name.clone()))
-                .cloned();
-            CanaryInfo {
-                namespace,
-                name,
-                spec: canary.spec,
-                status,
-            }
+        .map(|(namespace, name, canary, status)| CanaryInfo {
+            namespace,
+            name,
+            spec: canary.spec,
+            status,
         })
         .collect();
-    let policies = policies
+    let policies = resources
+        .policies
         .into_iter()
         .map(|policy| {
             (
